@@ -1,0 +1,152 @@
+"""`make_train_step`: a jit-compiled mixed-precision Flax train step."""
+
+import functools
+import warnings
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mpjax._src import policy as policy_lib
+from mpjax._src import train_state as train_state_lib
+from mpjax._src import transform
+
+LossFn = Callable[..., Any]
+
+
+def with_policy(apply_fn: Callable, policy: policy_lib.PolicyLike) -> Callable:
+  """Wraps a model's apply function to run under a whole-model `policy`.
+
+  The wrapper casts the floating leaves of every argument (the variables dict
+  included) to ``policy.compute_dtype`` and the floating leaves of the result
+  to ``policy.output_dtype``. Integer inputs (token ids), PRNG keys and
+  non-array arguments pass untouched. Differentiating through it with respect
+  to float32 params gives float32 gradients: the casts are part of the graph.
+
+  Args:
+    apply_fn: e.g. ``model.apply``.
+    policy: a preset name, a jmp policy string or a `jmp.Policy`.
+
+  Returns:
+    A function with the signature of `apply_fn`.
+  """
+  policy = policy_lib.get_policy(policy)
+
+  @functools.wraps(apply_fn)
+  def apply(*args, **kwargs):
+    args, kwargs = policy.cast_to_compute((args, kwargs))
+    return policy.cast_to_output(apply_fn(*args, **kwargs))
+
+  return apply
+
+
+def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
+                    donate: bool = True) -> Callable:
+  """Returns a jit-compiled ``step(state, batch) -> (state, metrics)``.
+
+  `loss_fn` is called as ``loss_fn(params, batch, apply_fn, rng)``:
+
+  - ``params`` are the float32 master params (differentiate-able; use them for
+    weight decay or anything else that should stay in float32);
+  - ``apply_fn`` is ``with_policy(state.apply_fn, state.policy)``: it casts the
+    params and inputs to the compute dtype and the model's output to the
+    output dtype;
+  - ``rng`` is ``jax.random.fold_in(state.rng, state.step)``, or None when the
+    state has no key.
+
+  It returns a scalar loss (or ``(loss, aux)`` with ``has_aux=True``); the loss
+  is upcast to float32 before it is scaled.
+
+  The step multiplies the loss by the current loss scale (when ``state.tx``
+  contains a `loss_scaled` transformation), differentiates with respect to
+  the master params and applies ``state.tx``, which unscales, skips
+  non-finite steps and adjusts the scale. The input state is donated.
+
+  Metrics (all scalars): ``loss`` (float32, unscaled), ``loss_scale`` (the
+  float32 scale this step's loss was multiplied by), ``grads_finite`` (bool,
+  the decision of the last optimizer update), ``grad_norm`` (float32 global
+  norm of the unscaled gradients; inf/NaN on a skipped step),
+  ``skipped_steps`` (int32 total), and ``aux`` with ``has_aux=True``.
+
+  Args:
+    loss_fn: see above.
+    has_aux: whether `loss_fn` returns ``(loss, aux)``.
+    donate: donate the input state's buffers to the output (saves memory;
+      the state passed in must not be used again).
+
+  Returns:
+    The jit-compiled step.
+  """
+  if not callable(loss_fn):
+    raise TypeError(f"make_train_step: loss_fn must be callable, got {loss_fn!r}.")
+  if not isinstance(has_aux, bool):
+    raise TypeError(f"make_train_step: has_aux must be a bool, got {has_aux!r}.")
+
+  def step(state: train_state_lib.TrainState,
+           batch: Any) -> Tuple[train_state_lib.TrainState, Dict[str, Any]]:
+    if not isinstance(state, train_state_lib.TrainState):
+      raise TypeError(
+          "make_train_step: the state must be an mpjax.TrainState, got "
+          f"{type(state).__name__}.")
+    policy = state.policy
+    if policy is None:
+      raise ValueError(
+          "make_train_step: the state has no policy; build it with "
+          "mpjax.TrainState.create(..., policy='mixed_bfloat16').")
+    scaled_states = transform.find_loss_scaled_states(state.opt_state)
+    if scaled_states:
+      scale = transform.loss_scale_state(state.opt_state).scale
+      if transform.loss_scaled_inside_multisteps(state.opt_state):
+        warnings.warn(
+            "mpjax.loss_scaled is inside optax.MultiSteps: one non-finite "
+            "micro-batch will poison every later accumulation window (MultiSteps "
+            "resets its accumulator as acc * 0 and inf * 0 is NaN). Use "
+            "mpjax.loss_scaled(optax.MultiSteps(inner, k), scaling) instead.",
+            stacklevel=2)
+    else:
+      scale = jnp.ones([], jnp.float32)
+      if jnp.dtype(policy.compute_dtype) == jnp.float16:
+        warnings.warn(
+            f"Training with float16 compute ({policy_lib.policy_name(policy)}) "
+            "without loss scaling: small gradients underflow to zero in "
+            "float16. Wrap the optimizer: mpjax.loss_scaled(tx, "
+            "mpjax.DynamicScaling.like_torch()).", stacklevel=2)
+    apply_fn = with_policy(state.apply_fn, policy)
+    rng = None if state.rng is None else jax.random.fold_in(state.rng,
+                                                            state.step)
+
+    def scaled_loss_fn(params):
+      out = loss_fn(params, batch, apply_fn, rng)
+      loss, aux = out if has_aux else (out, None)
+      loss = jnp.asarray(loss)
+      if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise ValueError(
+            "make_train_step: loss_fn must return a floating scalar loss, got "
+            f"shape {loss.shape} dtype {loss.dtype}.")
+      loss = loss.astype(jnp.float32)
+      return loss * scale, (loss, aux)
+
+    grads, (loss, aux) = jax.grad(scaled_loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    unscaled = transform.unscale_gradients(grads, scale)
+    if scaled_states:
+      new_scaled = transform.loss_scale_state(new_state.opt_state)
+      grads_finite = new_scaled.last_grads_finite
+      skipped = new_scaled.skipped_steps
+    else:
+      grads_finite = transform.all_finite_from_leaves(
+          transform.leaf_finiteness(unscaled))
+      skipped = jnp.zeros([], jnp.int32)
+    metrics = {
+        "loss": loss,
+        "loss_scale": scale,
+        "grads_finite": grads_finite,
+        "grad_norm": optax.tree.norm(unscaled).astype(jnp.float32),
+        "skipped_steps": skipped,
+    }
+    if has_aux:
+      metrics["aux"] = aux
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
