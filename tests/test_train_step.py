@@ -244,3 +244,25 @@ def test_optimizer_state_aliasing_params_can_be_donated():
   chex.assert_tree_all_finite(state.params)
   chex.assert_tree_all_finite(state.opt_state[0]["anchor"])
   assert bool(metrics["grads_finite"])
+
+
+@pytest.mark.parametrize("tx", [
+    mpjax.loss_scaled(optax.sgd(0.1), mpjax.NoScaling()), optax.sgd(0.1)],
+    ids=["loss_scaled", "plain"])
+def test_attribution_metrics_name_the_non_finite_leaf(tx):
+  def loss_fn(params, batch, apply_fn, rng):
+    loss = seed_mlp.loss_fn(params, batch, apply_fn, rng)
+    # Poison the second layer's bias gradient only: d/db of b * inf.
+    return loss + jnp.sum(params["Dense_1"]["bias"] * batch["poison"])
+
+  state = make_state(tx=tx)
+  step = mpjax.make_train_step(loss_fn, attribution=True, donate=False)
+  batch = dict(tiny_batch(), poison=jnp.float32(jnp.inf))
+  _, metrics = step(state, batch)
+  flags = {k: {n: bool(v) for n, v in layer.items()}
+           for k, layer in metrics["leaf_grads_finite"].items()}
+  assert flags == {"Dense_0": {"kernel": True, "bias": True},
+                   "Dense_1": {"kernel": True, "bias": False}}
+  assert not bool(metrics["grads_finite"])
+  _, metrics = mpjax.make_train_step(loss_fn, donate=False)(state, batch)
+  assert "leaf_grads_finite" not in metrics

@@ -294,3 +294,18 @@ def test_loss_scaled_rejects_bad_arguments(inner, scaling, fragment):
   with pytest.raises(TypeError) as info:
     mpjax.loss_scaled(inner, scaling)
   assert fragment in str(info.value)
+
+
+def test_leaf_finiteness_names_the_bad_leaf_of_the_last_step():
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.adam(1e-3), mpjax.StaticScaling(2.0))
+  state = tx.init(params)
+  chex.assert_trees_all_equal(state.leaf_grads_finite,
+                              jax.tree.map(lambda _: jnp.array(True), params))
+  update = jax.jit(tx.update)
+  _, state = update(poisoned(grads_like(params, 1.0)), state, params)
+  chex.assert_trees_all_equal(
+      state.leaf_grads_finite,
+      {"dense": {"kernel": jnp.array(True), "bias": jnp.array(False)}})
+  _, state = update(grads_like(params, 1.0), state, params)
+  assert all(bool(x) for x in jax.tree.leaves(state.leaf_grads_finite))

@@ -42,7 +42,7 @@ def with_policy(apply_fn: Callable, policy: policy_lib.PolicyLike) -> Callable:
 
 
 def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, attribution: bool = False) -> Callable:
   """Returns a jit-compiled ``step(state, batch) -> (state, metrics)``.
 
   `loss_fn` is called as ``loss_fn(params, batch, apply_fn, rng)``:
@@ -67,21 +67,28 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
   float32 scale this step's loss was multiplied by), ``grads_finite`` (bool,
   the decision of the last optimizer update), ``grad_norm`` (float32 global
   norm of the unscaled gradients; inf/NaN on a skipped step),
-  ``skipped_steps`` (int32 total), and ``aux`` with ``has_aux=True``.
+  ``skipped_steps`` (int32 total), ``aux`` with ``has_aux=True``, and with
+  ``attribution=True`` ``leaf_grads_finite``: a tree shaped like the params
+  with one bool per leaf, whether that leaf's gradient was finite (the same
+  per-leaf reduction the skip decision used).
 
   Args:
     loss_fn: see above.
     has_aux: whether `loss_fn` returns ``(loss, aux)``.
     donate: donate the input state's buffers to the output (saves memory;
       the state passed in must not be used again).
+    attribution: add ``leaf_grads_finite`` to the metrics (one bool scalar
+      per parameter leaf; off by default to keep the metrics small).
 
   Returns:
     The jit-compiled step.
   """
   if not callable(loss_fn):
     raise TypeError(f"make_train_step: loss_fn must be callable, got {loss_fn!r}.")
-  if not isinstance(has_aux, bool):
-    raise TypeError(f"make_train_step: has_aux must be a bool, got {has_aux!r}.")
+  for name, flag in (("has_aux", has_aux), ("donate", donate),
+                     ("attribution", attribution)):
+    if not isinstance(flag, bool):
+      raise TypeError(f"make_train_step: {name} must be a bool, got {flag!r}.")
 
   def step(state: train_state_lib.TrainState,
            batch: Any) -> Tuple[train_state_lib.TrainState, Dict[str, Any]]:
@@ -133,10 +140,11 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
     if scaled_states:
       new_scaled = transform.loss_scale_state(new_state.opt_state)
       grads_finite = new_scaled.last_grads_finite
+      leaf_finite = new_scaled.leaf_grads_finite
       skipped = new_scaled.skipped_steps
     else:
-      grads_finite = transform.all_finite_from_leaves(
-          transform.leaf_finiteness(unscaled))
+      leaf_finite = transform.leaf_finiteness(unscaled)
+      grads_finite = transform.all_finite_from_leaves(leaf_finite)
       skipped = jnp.zeros([], jnp.int32)
     metrics = {
         "loss": loss,
@@ -147,6 +155,8 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
     }
     if has_aux:
       metrics["aux"] = aux
+    if attribution:
+      metrics["leaf_grads_finite"] = leaf_finite
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())

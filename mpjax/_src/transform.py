@@ -22,6 +22,10 @@ class LossScaledState(NamedTuple):
     skipped_steps: int32 [], steps skipped for non-finite gradients (saturates).
     consecutive_skips: int32 [], skipped steps since the last applied one.
     last_grads_finite: bool [], whether the last step's gradients were finite.
+    leaf_grads_finite: a tree shaped like the gradients with one bool [] per
+      leaf: whether that leaf of the last step's gradients was finite. It is
+      the per-leaf stage of the reduction behind `last_grads_finite` (no
+      second pass), so it names the leaves that made a step skip.
     inner_state: the wrapped transformation's state; it only moves on applied
       steps, so schedules inside it count applied steps only.
   """
@@ -32,6 +36,7 @@ class LossScaledState(NamedTuple):
   skipped_steps: chex.Array
   consecutive_skips: chex.Array
   last_grads_finite: chex.Array
+  leaf_grads_finite: chex.ArrayTree
   inner_state: optax.OptState
 
 
@@ -151,11 +156,13 @@ def loss_scaled(inner: optax.GradientTransformation,
         skipped_steps=zero(),
         consecutive_skips=zero(),
         last_grads_finite=jnp.array(True),
+        leaf_grads_finite=jax.tree.map(lambda _: jnp.array(True), params),
         inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
     grads = unscale_gradients(grads, state.scale)
-    finite = all_finite_from_leaves(leaf_finiteness(grads))
+    leaf_finite = leaf_finiteness(grads)
+    finite = all_finite_from_leaves(leaf_finite)
     updates, new_inner_state = inner.update(grads, state.inner_state, params,
                                             **extra_args)
     updates = jmp.select_tree(finite, updates,
@@ -173,6 +180,7 @@ def loss_scaled(inner: optax.GradientTransformation,
         skipped_steps=jnp.where(finite, state.skipped_steps, skipped),
         consecutive_skips=jnp.where(finite, 0, consecutive).astype(jnp.int32),
         last_grads_finite=finite,
+        leaf_grads_finite=leaf_finite,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
