@@ -11,6 +11,9 @@ from mpjax._src.loss_scale import StaticScaling
 from mpjax._src.policy import PRESETS
 from mpjax._src.policy import get_policy
 from mpjax._src.policy import policy_name
+from mpjax._src.sharding import ShardingPlan
+from mpjax._src.sharding import data_parallel
+from mpjax._src.sharding import fsdp
 from mpjax._src.train_state import TrainState
 from mpjax._src.train_step import make_train_step
 from mpjax._src.train_step import with_policy
@@ -31,10 +34,13 @@ __all__ = (
     "LossScaling",
     "NoScaling",
     "PRESETS",
+    "ShardingPlan",
     "StaticScaling",
     "TrainState",
     "all_finite_from_leaves",
     "current_loss_scale",
+    "data_parallel",
+    "fsdp",
     "get_policy",
     "leaf_finiteness",
     "loss_scale_state",

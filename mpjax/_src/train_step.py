@@ -2,13 +2,15 @@
 
 import functools
 import warnings
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mpjax._src import policy as policy_lib
+from mpjax._src import sharding as sharding_lib
 from mpjax._src import train_state as train_state_lib
 from mpjax._src import transform
 
@@ -42,7 +44,9 @@ def with_policy(apply_fn: Callable, policy: policy_lib.PolicyLike) -> Callable:
 
 
 def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
-                    donate: bool = True, attribution: bool = False) -> Callable:
+                    donate: bool = True, attribution: bool = False,
+                    sharding: Optional[sharding_lib.ShardingPlan] = None
+                    ) -> Callable:
   """Returns a jit-compiled ``step(state, batch) -> (state, metrics)``.
 
   `loss_fn` is called as ``loss_fn(params, batch, apply_fn, rng)``:
@@ -79,6 +83,11 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
       the state passed in must not be used again).
     attribution: add ``leaf_grads_finite`` to the metrics (one bool scalar
       per parameter leaf; off by default to keep the metrics small).
+    sharding: a `ShardingPlan` (`mpjax.data_parallel(mesh)`,
+      `mpjax.fsdp(mesh)`): the step is jitted with the plan's shardings of
+      the state and batch as input and output shardings, metrics replicated.
+      Place the state with ``plan.shard_state`` first. The skip decision and
+      the loss-scale update are global across devices and hosts.
 
   Returns:
     The jit-compiled step.
@@ -159,4 +168,43 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
       metrics["leaf_grads_finite"] = leaf_finite
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  donate_argnums = (0,) if donate else ()
+  if sharding is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  if not isinstance(sharding, sharding_lib.ShardingPlan):
+    raise TypeError("make_train_step: sharding must be an mpjax.ShardingPlan "
+                    f"(mpjax.data_parallel / mpjax.fsdp), got {sharding!r}.")
+  return _ShardedStep(step, sharding, donate_argnums)
+
+
+class _ShardedStep:
+  """`step` jitted with a plan's shardings, built per state/batch structure.
+
+  The shardings depend on the state's tree and shapes, which are only known
+  at the first call; one jitted function is kept per structure, so a run
+  compiles once.
+  """
+
+  def __init__(self, step: Callable, plan: sharding_lib.ShardingPlan,
+               donate_argnums: Tuple[int, ...]):
+    self._step, self._plan, self._donate = step, plan, donate_argnums
+    self._jitted = {}
+
+  def _for(self, state, batch):
+    key = jax.tree.structure((state, batch)), tuple(
+        (np.shape(x), str(getattr(x, "dtype", type(x))))
+        for x in jax.tree.leaves((state, batch)))
+    if key not in self._jitted:
+      state_shardings = self._plan.state_shardings(state)
+      self._jitted[key] = jax.jit(
+          self._step,
+          in_shardings=(state_shardings, self._plan.batch_shardings(batch)),
+          out_shardings=(state_shardings, self._plan.replicated),
+          donate_argnums=self._donate)
+    return self._jitted[key]
+
+  def __call__(self, state, batch):
+    return self._for(state, batch)(state, batch)
+
+  def lower(self, state, batch):
+    return self._for(state, batch).lower(state, batch)

@@ -1,0 +1,117 @@
+"""Runs sharded training on 8 host CPU devices; prints one JSON line of results.
+
+Started by tests/test_sharding.py in a subprocess (XLA_FLAGS must be set
+before jax is imported): data-parallel on (8,), FSDP on (2, 4) and a single
+device train the same model on the same batches, with float16 compute,
+dynamic loss scaling, and batches where one example, on one device's shard
+only, is inf.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "experiments"))
+import mpjax  # pylint: disable=wrong-import-position
+import models  # pylint: disable=wrong-import-position
+import seed_mlp  # pylint: disable=wrong-import-position
+
+STEPS, BATCH, FEATURES, HIDDEN = 50, 32, 64, (256, 256)
+POISONED_STEPS = (7, 8, 23, 40)
+
+
+def batches():
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(STEPS):
+    x = rng.random((BATCH, FEATURES)).astype(np.float32)
+    if i in POISONED_STEPS:
+      x[BATCH - 3, 5] = np.inf  # example 29: on the last data shard only
+    out.append({"x": x, "y": rng.integers(0, 10, BATCH).astype(np.int32)})
+  return out
+
+
+def new_state(policy):
+  model = models.MLP(hidden=HIDDEN, num_classes=10)
+  params = model.init(jax.random.key(0), jnp.ones((1, FEATURES)))["params"]
+  tx = mpjax.loss_scaled(optax.adam(1e-3), mpjax.DynamicScaling(
+      initial_scale=2.0**10, growth_interval=5))
+  return mpjax.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                 policy=policy)
+
+
+def train(plan, policy):
+  state = new_state(policy)
+  step = mpjax.make_train_step(seed_mlp.loss_fn, sharding=plan)
+  if plan is not None:
+    state = plan.shard_state(state)
+  scales, finite = [], []
+  memory = None
+  for i, batch in enumerate(batches()):
+    if plan is not None:
+      batch = plan.shard_batch(batch)
+    if i == 0:
+      memory = step.lower(state, batch).compile().memory_analysis()
+    state, metrics = step(state, batch)
+    scales.append(float(metrics["loss_scale"]))
+    finite.append(bool(metrics["grads_finite"]))
+  params = jax.tree.map(np.asarray, state.params)
+  inner = jax.tree.map(np.asarray, state.opt_state.inner_state)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves((params, inner)))
+  layouts = {
+      jax.tree_util.keystr(path): str(leaf.sharding.spec)
+      if hasattr(leaf.sharding, "spec") else "single"
+      for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+  return {
+      "params": params, "scales": scales, "finite": finite,
+      "argument_bytes_per_device": memory.argument_size_in_bytes,
+      "state_bytes": state_bytes, "layouts": layouts,
+      "scale_sharding": str(state.opt_state.scale.sharding),
+      "devices": len(state.params["Dense_0"]["kernel"].devices()),
+  }
+
+
+def compare(policy):
+  """Trains single-device and sharded; returns each run's summary."""
+  single = train(None, policy)
+  runs = {
+      "data_parallel_8": mpjax.data_parallel(
+          jax.make_mesh((8,), ("data",))),
+      "fsdp_2x4": mpjax.fsdp(jax.make_mesh((2, 4), ("data", "fsdp"))),
+      "fsdp_8": mpjax.fsdp(jax.make_mesh((8,), ("fsdp",))),
+  }
+  results = {"single": single}
+  results.update({name: train(plan, policy) for name, plan in runs.items()})
+  out = {}
+  for name, r in results.items():
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                         r["params"], single["params"])
+    abs_diffs = np.concatenate([
+        np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(r["params"]),
+                                              jax.tree.leaves(single["params"]))])
+    out[name] = {
+        "max_param_diff": max(jax.tree.leaves(diffs)),
+        "median_param_diff": float(np.median(abs_diffs)),
+        "params_finite": all(np.isfinite(x).all()
+                             for x in jax.tree.leaves(r["params"])),
+        **{k: v for k, v in r.items() if k != "params"},
+    }
+  return out
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  print(json.dumps({"poisoned_steps": POISONED_STEPS, "steps": STEPS,
+                    **{p: compare(p) for p in ("float32", "mixed_float16")}}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,102 @@
+"""Tests for mpjax/_src/sharding.py and sharded make_train_step (8 CPU devices).
+
+The sharded runs happen in a subprocess (tests/sharding_worker.py) because the
+number of host devices must be set before jax is first imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mpjax
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "sharding_worker.py")
+RUNS = ("data_parallel_8", "fsdp_2x4", "fsdp_8")
+
+
+@pytest.fixture(scope="module")
+def results():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             # Fake CPU devices on few cores: run one program at a time.
+             JAX_CPU_ENABLE_ASYNC_DISPATCH="false",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, WORKER], env=env, check=False,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_poisoned_shard_makes_every_device_skip(results):
+  expected = [i not in results["poisoned_steps"]
+              for i in range(results["steps"])]
+  for policy in ("float32", "mixed_float16"):
+    for name in ("single",) + RUNS:
+      assert results[policy][name]["finite"] == expected, (policy, name)
+      assert results[policy][name]["params_finite"], (policy, name)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_sharded_float32_params_equal_single_device(results, name):
+  run = results["float32"][name]
+  assert run["devices"] == 8
+  assert run["max_param_diff"] < 1e-5, run["max_param_diff"]
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_sharded_float16_scale_trajectory_equals_single_device(results, name):
+  run, single = results["mixed_float16"][name], results["mixed_float16"]["single"]
+  assert run["scales"] == single["scales"]
+  assert len(set(run["scales"])) > 3  # it grew and backed off
+  # float16 partial sums are rounded per device: equal to f16 tolerance.
+  assert run["median_param_diff"] < 1e-3, run["median_param_diff"]
+
+
+def test_loss_scale_state_is_replicated(results):
+  for name in RUNS:
+    assert "spec=P()" in results["float32"][name]["scale_sharding"], name
+
+
+def test_layouts_follow_the_plan(results):
+  dp = results["float32"]["data_parallel_8"]["layouts"]
+  assert set(dp.values()) == {"P()"}
+  fsdp = results["float32"]["fsdp_2x4"]["layouts"]
+  assert fsdp["['Dense_0']['kernel']"] == "P(None, 'fsdp')"
+  assert fsdp["['Dense_2']['kernel']"] == "P('fsdp', None)"
+  assert fsdp["['Dense_0']['bias']"] == "P()"  # too small to shard
+
+
+def test_fsdp_on_8_devices_holds_under_a_fifth_of_the_state(results):
+  single = results["float32"]["single"]["argument_bytes_per_device"]
+  fsdp8 = results["float32"]["fsdp_8"]["argument_bytes_per_device"]
+  dp8 = results["float32"]["data_parallel_8"]["argument_bytes_per_device"]
+  assert fsdp8 <= 0.2 * single, (fsdp8, single)
+  assert dp8 > 0.9 * single  # replicated: no saving
+
+
+def test_plan_rejects_bad_axes_and_batches():
+  mesh = jax.make_mesh((1,), ("data",))
+  with pytest.raises(ValueError, match="'model'"):
+    mpjax.ShardingPlan(mesh=mesh, batch_axes=("model",))
+  with pytest.raises(TypeError, match="Mesh"):
+    mpjax.ShardingPlan(mesh="mesh", batch_axes=("data",))
+  with pytest.raises(ValueError, match="scalar"):
+    mpjax.data_parallel(mesh).batch_shardings({"x": np.float32(1.0)})
+  with pytest.raises(TypeError, match="ShardingPlan"):
+    mpjax.make_train_step(lambda *a: 0.0, sharding=mesh)
+
+
+def test_leaf_spec_picks_the_largest_divisible_dimension():
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  plan = mpjax.fsdp(mesh, min_shard_elements=4)
+  assert plan.leaf_spec((8, 32)) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert plan.leaf_spec((2,)) == jax.sharding.PartitionSpec()
+  assert plan.leaf_spec(()) == jax.sharding.PartitionSpec()
+  assert mpjax.data_parallel(jax.make_mesh((1,), ("data",))).leaf_spec(
+      (1024, 1024)) == jax.sharding.PartitionSpec()
