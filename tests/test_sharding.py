@@ -46,7 +46,8 @@ def test_poisoned_shard_makes_every_device_skip(results):
 def test_sharded_float32_params_equal_single_device(results, name):
   run = results["float32"][name]
   assert run["devices"] == 8
-  assert run["max_param_diff"] < 1e-5, run["max_param_diff"]
+  assert run["moved"] > 0.05  # training changed the params a lot...
+  assert run["max_param_diff"] < 1e-5, run["max_param_diff"]  # ...alike
 
 
 @pytest.mark.parametrize("name", RUNS)
