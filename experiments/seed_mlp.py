@@ -33,7 +33,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import flax
 import flax.serialization
@@ -85,7 +85,8 @@ def epoch_batches(split: datasets.Split, batch_size: int,
 
 
 def run_config(config: Config, split: datasets.Split,
-               args: argparse.Namespace) -> dict:
+               args: argparse.Namespace,
+               log: Optional[mpjax.MetricsWriter] = None) -> dict:
   """Trains one configuration; returns its row of the table."""
   num_classes = int(max(split.y_train.max(), split.y_test.max())) + 1
   model = models.MLP(hidden=(128,), num_classes=num_classes)
@@ -93,7 +94,8 @@ def run_config(config: Config, split: datasets.Split,
   tx = mpjax.loss_scaled(optax.adam(args.lr), config.scaling)
   state = mpjax.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                                   policy=config.policy)
-  step = mpjax.make_train_step(loss_fn)
+  step = mpjax.make_train_step(loss_fn, attribution=args.attribution,
+                               grad_stats_every=args.stats_every)
   data_rng = np.random.default_rng(args.seed)
   epochs = [epoch_batches(split, args.batch_size, data_rng)
             for _ in range(args.epochs)]
@@ -101,23 +103,42 @@ def run_config(config: Config, split: datasets.Split,
     raise ValueError(
         f"--batch-size {args.batch_size} leaves no full batch in "
         f"{len(split.x_train)} training examples.")
+  batches = [(epoch, batch) for epoch, epoch_list in enumerate(epochs)
+             for batch in epoch_list]
 
   start = time.perf_counter()
-  compiled = step.lower(state, epochs[0][0]).compile()
+  compiled = step.lower(state, batches[0][1]).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
 
-  step_times, losses = [], []
-  for batches in epochs:
-    epoch_losses = []
-    for batch in batches:
+  guard = mpjax.SkipGuard(
+      args.max_consecutive_skips, like=state.params,
+      loss_scaled=not isinstance(config.scaling, mpjax.NoScaling))
+  step_times, losses_by_epoch = [], [[] for _ in epochs]
+  with mpjax.ProgressBar(len(batches), desc=config.name,
+                         quiet=args.quiet) as bar:
+    for i, (epoch, batch) in enumerate(batches):
       batch = jax.device_put(batch)
       start = time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
       step_times.append(time.perf_counter() - start)
-      epoch_losses.append(metrics["loss"])
-    losses.append(float(np.mean(jax.device_get(epoch_losses))))
+      metrics = jax.device_get(metrics)
+      record = mpjax.record_from_metrics(
+          i, metrics, step_time_s=step_times[-1], like=state.params,
+          run=config.name, epoch=epoch)
+      if log is not None:
+        log.write_record(record)
+      try:
+        guard.update(record)
+      except mpjax.NonFiniteTrainingError:
+        print(mpjax.debug_forward(
+            mpjax.with_policy(model.apply, config.policy),
+            {"params": state.params}, batch["x"]), file=sys.stderr)
+        raise
+      losses_by_epoch[epoch].append(record["loss"])
+      bar.update(1, loss=record["loss"], loss_scale=record["loss_scale"])
+  losses = [float(np.mean(epoch_losses)) for epoch_losses in losses_by_epoch]
 
   predict = jax.jit(lambda p, x: jnp.argmax(
       mpjax.with_policy(model.apply, config.policy)({"params": p}, x), -1))
@@ -212,6 +233,26 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                       choices=[c.name for c in CONFIGS])
   parser.add_argument("--json", default=os.path.join("runs", "seed_mlp.json"),
                       help="where to write the table as JSON")
+  parser.add_argument("--metrics",
+                      default=os.path.join("runs", "seed_mlp_metrics.jsonl"),
+                      help="one JSON object per step for every configuration "
+                           "(metrics.jsonl); '' turns it off")
+  parser.add_argument("--stats-every", type=int, default=10,
+                      help="gradient underflow statistics every N steps "
+                           "(0: never)")
+  parser.add_argument("--plot", nargs="?", const=os.path.join(
+      "runs", "seed_mlp.png"), default=None,
+                      help="draw the configurations' loss, scale and "
+                           "underflow on one figure (PNG path)")
+  parser.add_argument("--max-consecutive-skips", type=int, default=100,
+                      help="stop a configuration after this many skipped "
+                           "steps in a row, naming the non-finite leaves")
+  parser.add_argument("--no-attribution", dest="attribution",
+                      action="store_false",
+                      help="do not record which gradient leaves were "
+                           "non-finite")
+  parser.add_argument("--quiet", action="store_true",
+                      help="no progress bar")
   args = parser.parse_args(argv)
   for name in ("epochs", "batch_size"):
     if getattr(args, name) < 1:
@@ -219,6 +260,13 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    f"{getattr(args, name)}")
   if args.warmup < 0:
     parser.error(f"--warmup must be >= 0, got {args.warmup}")
+  if args.stats_every < 0:
+    parser.error(f"--stats-every must be >= 0, got {args.stats_every}")
+  if args.max_consecutive_skips < 1:
+    parser.error("--max-consecutive-skips must be >= 1, got "
+                 f"{args.max_consecutive_skips}")
+  if args.plot and not args.metrics:
+    parser.error("--plot draws from the metrics file: give --metrics FILE")
   return args
 
 
@@ -231,7 +279,12 @@ def main(argv: List[str]) -> dict:
              test_examples=len(split.x_test), features=split.x_train.shape[1],
              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
              seed=args.seed)
-  rows = [run_config(c, split, args) for c in CONFIGS if c.name in args.configs]
+  configs = [c for c in CONFIGS if c.name in args.configs]
+  if args.metrics:
+    with mpjax.MetricsWriter(args.metrics) as log:
+      rows = [run_config(c, split, args, log) for c in configs]
+  else:
+    rows = [run_config(c, split, args) for c in configs]
   result = {"environment": env, "rows": rows}
 
   print(f"seed MLP on {split.name} ({len(split.x_train)} train / "
@@ -253,6 +306,13 @@ def main(argv: List[str]) -> dict:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
+  if args.metrics:
+    print(f"wrote {args.metrics}")
+  if args.plot:
+    from mpjax import plot  # pylint: disable=g-import-not-at-top
+    plot.plot_runs(plot.load_runs([args.metrics]), args.plot,
+                   title=f"seed MLP on {split.name}")
+    print(f"wrote {args.plot}")
   return result
 
 

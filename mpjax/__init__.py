@@ -4,10 +4,27 @@ Precision policies (on `jmp.Policy`), loss scaling as an optax wrapper with
 PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 """
 
+from mpjax._src.diagnostics import ForwardReport
+from mpjax._src.diagnostics import ModuleCall
+from mpjax._src.diagnostics import NonFiniteTrainingError
+from mpjax._src.diagnostics import ScaleCollapseWarning
+from mpjax._src.diagnostics import SkipGuard
+from mpjax._src.diagnostics import debug_forward
+from mpjax._src.diagnostics import leaf_paths
+from mpjax._src.diagnostics import nonfinite_leaf_paths
+from mpjax._src.grad_stats import GradStats
+from mpjax._src.grad_stats import TensorStats
+from mpjax._src.grad_stats import grad_stats
+from mpjax._src.grad_stats import grad_stats_summary
+from mpjax._src.grad_stats import periodic_grad_stats
 from mpjax._src.loss_scale import DynamicScaling
 from mpjax._src.loss_scale import LossScaling
 from mpjax._src.loss_scale import NoScaling
 from mpjax._src.loss_scale import StaticScaling
+from mpjax._src.metrics_log import MetricsWriter
+from mpjax._src.metrics_log import ProgressBar
+from mpjax._src.metrics_log import read_metrics
+from mpjax._src.metrics_log import record_from_metrics
 from mpjax._src.policy import PRESETS
 from mpjax._src.policy import get_policy
 from mpjax._src.policy import policy_name
@@ -18,9 +35,8 @@ from mpjax._src.train_state import TrainState
 from mpjax._src.train_step import make_train_step
 from mpjax._src.train_step import with_policy
 from mpjax._src.transform import LossScaledState
-from mpjax._src.transform import all_finite_from_leaves
 from mpjax._src.transform import current_loss_scale
-from mpjax._src.transform import leaf_finiteness
+from mpjax._src.transform import finite_flags
 from mpjax._src.transform import loss_scale_state
 from mpjax._src.transform import loss_scaled
 from mpjax._src.transform import scale_loss
@@ -30,23 +46,39 @@ __version__ = "0.1.0"
 
 __all__ = (
     "DynamicScaling",
+    "ForwardReport",
+    "GradStats",
     "LossScaledState",
     "LossScaling",
+    "MetricsWriter",
+    "ModuleCall",
     "NoScaling",
+    "NonFiniteTrainingError",
     "PRESETS",
+    "ProgressBar",
+    "ScaleCollapseWarning",
     "ShardingPlan",
+    "SkipGuard",
     "StaticScaling",
+    "TensorStats",
     "TrainState",
-    "all_finite_from_leaves",
     "current_loss_scale",
     "data_parallel",
+    "debug_forward",
+    "finite_flags",
     "fsdp",
     "get_policy",
-    "leaf_finiteness",
+    "grad_stats",
+    "grad_stats_summary",
+    "leaf_paths",
     "loss_scale_state",
     "loss_scaled",
     "make_train_step",
+    "nonfinite_leaf_paths",
+    "periodic_grad_stats",
     "policy_name",
+    "read_metrics",
+    "record_from_metrics",
     "scale_loss",
     "unscale_gradients",
     "with_policy",

@@ -259,10 +259,40 @@ def test_attribution_metrics_name_the_non_finite_leaf(tx):
   step = mpjax.make_train_step(loss_fn, attribution=True, donate=False)
   batch = dict(tiny_batch(), poison=jnp.float32(jnp.inf))
   _, metrics = step(state, batch)
-  flags = {k: {n: bool(v) for n, v in layer.items()}
-           for k, layer in metrics["leaf_grads_finite"].items()}
-  assert flags == {"Dense_0": {"kernel": True, "bias": True},
-                   "Dense_1": {"kernel": True, "bias": False}}
+  chex.assert_shape(metrics["leaf_grads_finite"], (4,))
+  assert mpjax.nonfinite_leaf_paths(metrics["leaf_grads_finite"],
+                                    like=state.params) == ["Dense_1/bias"]
   assert not bool(metrics["grads_finite"])
   _, metrics = mpjax.make_train_step(loss_fn, donate=False)(state, batch)
   assert "leaf_grads_finite" not in metrics
+
+
+def test_grad_stats_are_computed_every_n_steps_only():
+  state = make_state("mixed_float16", mpjax.DynamicScaling(
+      initial_scale=2.0**8, growth_interval=100))
+  step = mpjax.make_train_step(seed_mlp.loss_fn, grad_stats_every=3)
+  computed = []
+  for _ in range(7):
+    state, metrics = step(state, tiny_batch())
+    stats = metrics["grad_stats"]
+    computed.append(bool(stats.computed))
+    if computed[-1]:
+      assert stats.dtype == jnp.dtype(jnp.float16)
+      assert int(stats.total.size) == sum(
+          p.size for p in jax.tree.leaves(state.params))
+      assert int(stats.total.nonzero) > 0
+      assert float(stats.loss_scale) == 2.0**8
+  assert computed == [True, False, False, True, False, False, True]
+  with pytest.raises(ValueError, match="grad_stats_every"):
+    mpjax.make_train_step(seed_mlp.loss_fn, grad_stats_every=-1)
+
+
+def test_consecutive_skips_metric_counts_the_streak():
+  state = make_state("p=f32,c=f16,o=f16", mpjax.DynamicScaling(
+      initial_scale=2.0**40, growth_interval=1000))
+  step = mpjax.make_train_step(seed_mlp.loss_fn)
+  streak = []
+  for _ in range(4):
+    state, metrics = step(state, tiny_batch())
+    streak.append(int(metrics["consecutive_skips"]))
+  assert streak == [1, 2, 3, 4]

@@ -301,11 +301,24 @@ def test_leaf_finiteness_names_the_bad_leaf_of_the_last_step():
   tx = mpjax.loss_scaled(optax.adam(1e-3), mpjax.StaticScaling(2.0))
   state = tx.init(params)
   chex.assert_trees_all_equal(state.leaf_grads_finite,
-                              jax.tree.map(lambda _: jnp.array(True), params))
+                              jnp.array([True, True]))
   update = jax.jit(tx.update)
   _, state = update(poisoned(grads_like(params, 1.0)), state, params)
-  chex.assert_trees_all_equal(
-      state.leaf_grads_finite,
-      {"dense": {"kernel": jnp.array(True), "bias": jnp.array(False)}})
+  # Tree-leaves order: dense/bias, dense/kernel.
+  chex.assert_trees_all_equal(state.leaf_grads_finite,
+                              jnp.array([False, True]))
+  assert mpjax.nonfinite_leaf_paths(state.leaf_grads_finite,
+                                    like=params) == ["dense/bias"]
   _, state = update(grads_like(params, 1.0), state, params)
-  assert all(bool(x) for x in jax.tree.leaves(state.leaf_grads_finite))
+  chex.assert_trees_all_equal(state.leaf_grads_finite,
+                              jnp.array([True, True]))
+
+
+def test_finite_flags_packs_one_flag_per_leaf_in_tree_order():
+  tree = {"b": jnp.array([1.0, jnp.nan]), "a": jnp.ones(2),
+          "n": jnp.arange(3), "h": jnp.array([jnp.inf], jnp.float16)}
+  flags = mpjax.finite_flags(tree)
+  chex.assert_shape(flags, (4,))
+  chex.assert_type(flags, jnp.bool_)
+  assert flags.tolist() == [True, False, False, True]  # a, b, h, n
+  chex.assert_shape(mpjax.finite_flags({}), (0,))

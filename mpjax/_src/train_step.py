@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mpjax._src import grad_stats as grad_stats_lib
 from mpjax._src import policy as policy_lib
 from mpjax._src import sharding as sharding_lib
 from mpjax._src import train_state as train_state_lib
@@ -45,6 +46,7 @@ def with_policy(apply_fn: Callable, policy: policy_lib.PolicyLike) -> Callable:
 
 def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
                     donate: bool = True, attribution: bool = False,
+                    grad_stats_every: int = 0, grad_stats_dtype: Any = None,
                     sharding: Optional[sharding_lib.ShardingPlan] = None
                     ) -> Callable:
   """Returns a jit-compiled ``step(state, batch) -> (state, metrics)``.
@@ -71,18 +73,27 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
   float32 scale this step's loss was multiplied by), ``grads_finite`` (bool,
   the decision of the last optimizer update), ``grad_norm`` (float32 global
   norm of the unscaled gradients; inf/NaN on a skipped step),
-  ``skipped_steps`` (int32 total), ``aux`` with ``has_aux=True``, and with
-  ``attribution=True`` ``leaf_grads_finite``: a tree shaped like the params
-  with one bool per leaf, whether that leaf's gradient was finite (the same
-  per-leaf reduction the skip decision used).
+  ``skipped_steps`` (int32 total), ``consecutive_skips`` (int32, skipped
+  steps in a row up to this one), ``aux`` with ``has_aux=True``,
+  ``grad_stats`` (a `GradStats`) with ``grad_stats_every=N``, and with
+  ``attribution=True`` ``leaf_grads_finite``: bool [num_param_leaves], whether
+  each leaf's gradient was finite, in `jax.tree.leaves(params)` order (the
+  same per-leaf reduction the skip decision used); name the false ones with
+  ``mpjax.nonfinite_leaf_paths(flags, like=state.params)``.
 
   Args:
     loss_fn: see above.
     has_aux: whether `loss_fn` returns ``(loss, aux)``.
     donate: donate the input state's buffers to the output (saves memory;
       the state passed in must not be used again).
-    attribution: add ``leaf_grads_finite`` to the metrics (one bool scalar
-      per parameter leaf; off by default to keep the metrics small).
+    attribution: add ``leaf_grads_finite`` to the metrics (one bool per
+      parameter leaf, packed in one vector).
+    grad_stats_every: when N > 0, add ``grad_stats`` (`mpjax.grad_stats` of
+      the unscaled gradients at this step's scale) computed on steps where
+      ``state.step % N == 0`` and zeros (``computed=False``) elsewhere.
+    grad_stats_dtype: the dtype the statistics measure underflow against;
+      default the policy's compute dtype when it is 16-bit, else float16
+      (what float16 would lose).
     sharding: a `ShardingPlan` (`mpjax.data_parallel(mesh)`,
       `mpjax.fsdp(mesh)`): the step is jitted with the plan's shardings of
       the state and batch as input and output shardings, metrics replicated.
@@ -98,6 +109,10 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
                      ("attribution", attribution)):
     if not isinstance(flag, bool):
       raise TypeError(f"make_train_step: {name} must be a bool, got {flag!r}.")
+  if (isinstance(grad_stats_every, bool) or not isinstance(grad_stats_every, int)
+      or grad_stats_every < 0):
+    raise ValueError("make_train_step: grad_stats_every must be an int >= 0, "
+                     f"got {grad_stats_every!r}.")
 
   def step(state: train_state_lib.TrainState,
            batch: Any) -> Tuple[train_state_lib.TrainState, Dict[str, Any]]:
@@ -151,21 +166,31 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
       grads_finite = new_scaled.last_grads_finite
       leaf_finite = new_scaled.leaf_grads_finite
       skipped = new_scaled.skipped_steps
+      consecutive = new_scaled.consecutive_skips
     else:
-      leaf_finite = transform.leaf_finiteness(unscaled)
-      grads_finite = transform.all_finite_from_leaves(leaf_finite)
+      leaf_finite = transform.finite_flags(unscaled)
+      grads_finite = jnp.all(leaf_finite)
       skipped = jnp.zeros([], jnp.int32)
+      consecutive = jnp.zeros([], jnp.int32)
     metrics = {
         "loss": loss,
         "loss_scale": scale,
         "grads_finite": grads_finite,
         "grad_norm": optax.tree.norm(unscaled).astype(jnp.float32),
         "skipped_steps": skipped,
+        "consecutive_skips": consecutive,
     }
     if has_aux:
       metrics["aux"] = aux
     if attribution:
       metrics["leaf_grads_finite"] = leaf_finite
+    if grad_stats_every:
+      dtype = grad_stats_dtype
+      if dtype is None:
+        compute = jnp.dtype(policy.compute_dtype)
+        dtype = compute if compute.itemsize == 2 else jnp.float16
+      metrics["grad_stats"] = grad_stats_lib.periodic_grad_stats(
+          unscaled, scale, state.step, grad_stats_every, dtype)
     return new_state, metrics
 
   donate_argnums = (0,) if donate else ()

@@ -22,10 +22,11 @@ class LossScaledState(NamedTuple):
     skipped_steps: int32 [], steps skipped for non-finite gradients (saturates).
     consecutive_skips: int32 [], skipped steps since the last applied one.
     last_grads_finite: bool [], whether the last step's gradients were finite.
-    leaf_grads_finite: a tree shaped like the gradients with one bool [] per
-      leaf: whether that leaf of the last step's gradients was finite. It is
-      the per-leaf stage of the reduction behind `last_grads_finite` (no
-      second pass), so it names the leaves that made a step skip.
+    leaf_grads_finite: bool [num_leaves], `finite_flags` of the last step's
+      gradients, in `jax.tree.leaves(params)` order: the per-leaf stage of
+      the reduction behind `last_grads_finite` (no second pass). Name the
+      leaves that made a step skip with
+      ``mpjax.nonfinite_leaf_paths(flags, like=params)``.
     inner_state: the wrapped transformation's state; it only moves on applied
       steps, so schedules inside it count applied steps only.
   """
@@ -61,26 +62,23 @@ def unscale_gradients(grads: chex.ArrayTree, scale: chex.Array) -> chex.ArrayTre
   return jax.tree.map(unscale, grads)
 
 
-def leaf_finiteness(tree: chex.ArrayTree) -> chex.ArrayTree:
-  """Returns a tree of bool scalars: whether each floating leaf is all finite.
+def finite_flags(tree: chex.ArrayTree) -> chex.Array:
+  """Returns bool [num_leaves]: whether each leaf of `tree` is all finite.
 
-  `all_finite_from_leaves` reduces it to the one global decision, so callers
-  that want per-leaf attribution get it from the same reduction.
+  The flags are in `jax.tree.leaves(tree)` order (non-floating leaves count
+  as finite). ``jnp.all(finite_flags(grads))`` is the global skip decision,
+  so the flags come from the same per-leaf reductions, with no second pass
+  over the gradients; they are packed into one vector so that a jitted step
+  returns one small buffer rather than one per parameter.
+  `mpjax.nonfinite_leaf_paths(flags, like=params)` names the false ones.
   """
   def finite(x):
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
       return jnp.array(True)
     return jnp.all(jnp.isfinite(x))
 
-  return jax.tree.map(finite, tree)
-
-
-def all_finite_from_leaves(finiteness: chex.ArrayTree) -> chex.Array:
-  """Reduces a tree from `leaf_finiteness` to one bool scalar."""
-  leaves = jax.tree.leaves(finiteness)
-  if not leaves:
-    return jnp.array(True)
-  return jnp.all(jnp.stack(leaves))
+  leaves = [finite(x) for x in jax.tree.leaves(tree)]
+  return jnp.stack(leaves) if leaves else jnp.ones([0], jnp.bool_)
 
 
 def loss_scaled(inner: optax.GradientTransformation,
@@ -156,13 +154,14 @@ def loss_scaled(inner: optax.GradientTransformation,
         skipped_steps=zero(),
         consecutive_skips=zero(),
         last_grads_finite=jnp.array(True),
-        leaf_grads_finite=jax.tree.map(lambda _: jnp.array(True), params),
+        leaf_grads_finite=jnp.ones([len(jax.tree.leaves(params))],
+                                   jnp.bool_),
         inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
     grads = unscale_gradients(grads, state.scale)
-    leaf_finite = leaf_finiteness(grads)
-    finite = all_finite_from_leaves(leaf_finite)
+    leaf_finite = finite_flags(grads)
+    finite = jnp.all(leaf_finite)
     updates, new_inner_state = inner.update(grads, state.inner_state, params,
                                             **extra_args)
     updates = jmp.select_tree(finite, updates,
