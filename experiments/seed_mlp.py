@@ -33,7 +33,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import flax
 import flax.serialization
@@ -84,16 +84,22 @@ def epoch_batches(split: datasets.Split, batch_size: int,
           for idx in np.split(order[:n * batch_size], n)]
 
 
-def run_config(config: Config, split: datasets.Split,
-               args: argparse.Namespace,
-               log: Optional[mpjax.MetricsWriter] = None) -> dict:
-  """Trains one configuration; returns its row of the table."""
+def new_state(config: Config, split: datasets.Split,
+              args: argparse.Namespace) -> Tuple[models.MLP, mpjax.TrainState]:
+  """The model and its fresh train state (also the template for --resume)."""
   num_classes = int(max(split.y_train.max(), split.y_test.max())) + 1
   model = models.MLP(hidden=(128,), num_classes=num_classes)
   params = model.init(jax.random.key(args.seed), split.x_train[:1])["params"]
   tx = mpjax.loss_scaled(optax.adam(args.lr), config.scaling)
-  state = mpjax.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                  policy=config.policy)
+  return model, mpjax.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=tx, policy=config.policy)
+
+
+def run_config(config: Config, split: datasets.Split,
+               args: argparse.Namespace,
+               log: Optional[mpjax.MetricsWriter] = None) -> dict:
+  """Trains one configuration; returns its row of the table."""
+  model, state = new_state(config, split, args)
   step = mpjax.make_train_step(loss_fn, attribution=args.attribution,
                                grad_stats_every=args.stats_every)
   data_rng = np.random.default_rng(args.seed)
@@ -111,13 +117,29 @@ def run_config(config: Config, split: datasets.Split,
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
 
+  checkpoints = None
+  if args.checkpoint_dir:
+    checkpoints = mpjax.CheckpointManager(
+        os.path.join(args.checkpoint_dir, config.name), max_to_keep=2,
+        save_interval_steps=args.checkpoint_every)
+    if checkpoints.latest_step() is not None:
+      if not args.resume:
+        raise SystemExit(
+            f"{checkpoints.directory} already holds step "
+            f"{checkpoints.latest_step()}: pass --resume to continue it, or "
+            "choose another --checkpoint-dir.")
+      state = checkpoints.restore(state)  # the fresh state is the template
+  first = int(state.step)  # batches already consumed (skipped steps count)
+
   guard = mpjax.SkipGuard(
       args.max_consecutive_skips, like=state.params,
       loss_scaled=not isinstance(config.scaling, mpjax.NoScaling))
   step_times, losses_by_epoch = [], [[] for _ in epochs]
-  with mpjax.ProgressBar(len(batches), desc=config.name,
+  with mpjax.ProgressBar(len(batches) - first, desc=config.name,
                          quiet=args.quiet) as bar:
     for i, (epoch, batch) in enumerate(batches):
+      if i < first:
+        continue
       batch = jax.device_put(batch)
       start = time.perf_counter()
       state, metrics = compiled(state, batch)
@@ -138,7 +160,13 @@ def run_config(config: Config, split: datasets.Split,
         raise
       losses_by_epoch[epoch].append(record["loss"])
       bar.update(1, loss=record["loss"], loss_scale=record["loss_scale"])
-  losses = [float(np.mean(epoch_losses)) for epoch_losses in losses_by_epoch]
+      if checkpoints is not None:
+        checkpoints.save(state, step=i + 1)  # the loop counter: no sync
+  if checkpoints is not None:
+    checkpoints.save(state, step=len(batches), force=True)
+    checkpoints.close()
+  losses = [float(np.mean(epoch_losses)) if epoch_losses else None
+            for epoch_losses in losses_by_epoch]
 
   predict = jax.jit(lambda p, x: jnp.argmax(
       mpjax.with_policy(model.apply, config.policy)({"params": p}, x), -1))
@@ -153,6 +181,7 @@ def run_config(config: Config, split: datasets.Split,
       "scaling": repr(config.scaling),
       "test_accuracy": accuracy,
       "final_train_loss": losses[-1],
+      "resumed_at_step": first,
       "epoch_losses": losses,
       "median_step_ms": 1e3 * float(np.median(timed)),
       "timed_steps": len(timed),
@@ -161,7 +190,8 @@ def run_config(config: Config, split: datasets.Split,
       "xla_output_bytes": getattr(memory, "output_size_in_bytes", None),
       "xla_alias_bytes": getattr(memory, "alias_size_in_bytes", None),
       "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-      "steps": len(step_times),
+      "steps": len(batches),
+      "steps_this_run": len(step_times),
       "skipped_steps": int(scale_state.skipped_steps),
       "final_loss_scale": float(scale_state.scale),
       "params_all_finite": bool(all(
@@ -253,6 +283,15 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                            "non-finite")
   parser.add_argument("--quiet", action="store_true",
                       help="no progress bar")
+  parser.add_argument("--checkpoint-dir", default=None,
+                      help="save each configuration's train state under "
+                           "DIR/<config> (atomic, step-numbered, newest 2 kept)")
+  parser.add_argument("--checkpoint-every", type=int, default=50,
+                      help="steps between checkpoints; the last step is "
+                           "always saved")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue each configuration from its latest "
+                           "checkpoint in --checkpoint-dir")
   args = parser.parse_args(argv)
   for name in ("epochs", "batch_size"):
     if getattr(args, name) < 1:
@@ -267,6 +306,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                  f"{args.max_consecutive_skips}")
   if args.plot and not args.metrics:
     parser.error("--plot draws from the metrics file: give --metrics FILE")
+  if args.resume and not args.checkpoint_dir:
+    parser.error("--resume needs --checkpoint-dir")
+  if args.checkpoint_every < 1:
+    parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
   return args
 
 

@@ -4,6 +4,9 @@ Precision policies (on `jmp.Policy`), loss scaling as an optax wrapper with
 PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 """
 
+from mpjax._src.checkpoint import CheckpointManager
+from mpjax._src.checkpoint import restore
+from mpjax._src.checkpoint import save
 from mpjax._src.diagnostics import ForwardReport
 from mpjax._src.diagnostics import ModuleCall
 from mpjax._src.diagnostics import NonFiniteTrainingError
@@ -45,6 +48,7 @@ from mpjax._src.transform import unscale_gradients
 __version__ = "0.1.0"
 
 __all__ = (
+    "CheckpointManager",
     "DynamicScaling",
     "ForwardReport",
     "GradStats",
@@ -79,6 +83,8 @@ __all__ = (
     "policy_name",
     "read_metrics",
     "record_from_metrics",
+    "restore",
+    "save",
     "scale_loss",
     "unscale_gradients",
     "with_policy",

@@ -5,10 +5,12 @@ import json
 import os
 import struct
 
+import chex
 import numpy as np
 import pytest
 
 import datasets
+import mpjax
 import seed_mlp
 
 
@@ -147,3 +149,31 @@ def test_bad_command_line_is_rejected(argv, capsys):
   with pytest.raises(SystemExit):
     seed_mlp.parse_args(argv)
   assert argv[1] in capsys.readouterr().err
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
+  common = ["--configs", "float16_autocast+torch", "--quiet", "--metrics", "",
+            "--checkpoint-every", "7"]
+  seed_mlp.main(["seed_mlp.py", *common, "--epochs", "4", "--json",
+                 str(tmp_path / "full.json"),
+                 "--checkpoint-dir", str(tmp_path / "full")])
+  seed_mlp.main(["seed_mlp.py", *common, "--epochs", "2", "--json",
+                 str(tmp_path / "part.json"),
+                 "--checkpoint-dir", str(tmp_path / "resumed")])
+  with pytest.raises(SystemExit, match="--resume"):  # never clobbers a run
+    seed_mlp.main(["seed_mlp.py", *common, "--epochs", "4",
+                   "--checkpoint-dir", str(tmp_path / "resumed")])
+  result = seed_mlp.main(["seed_mlp.py", *common, "--epochs", "4", "--json",
+                          str(tmp_path / "resumed.json"), "--resume",
+                          "--checkpoint-dir", str(tmp_path / "resumed")])
+  row = result["rows"][0]
+  assert row["resumed_at_step"] == 20 and row["steps_this_run"] == 20
+  config = seed_mlp.CONFIGS[2]
+  args = seed_mlp.parse_args([])
+  _, like = seed_mlp.new_state(config, datasets.load_digits(), args)
+  states = [mpjax.CheckpointManager(str(tmp_path / d / config.name)).restore(
+      like) for d in ("full", "resumed")]
+  assert [int(s.step) for s in states] == [40, 40]
+  chex.assert_trees_all_equal(states[0], states[1])
+  full = json.loads((tmp_path / "full.json").read_text())["rows"][0]
+  assert full["test_accuracy"] == row["test_accuracy"]

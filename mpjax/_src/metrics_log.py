@@ -111,7 +111,8 @@ def record_from_metrics(step: int, metrics: Mapping[str, Any], *,
     **extra: more keys for the record (e.g. ``run="mixed_float16"``).
 
   Returns:
-    A dict of JSON-ready values (see the module docstring for the keys):
+    A dict of plain Python values (see the module docstring for the keys;
+    non-finite floats stay floats, `MetricsWriter` encodes them):
     ``grads_finite`` becomes ``skipped``; ``leaf_grads_finite`` becomes
     ``nonfinite_leaves`` (only on steps with a non-finite leaf);
     ``grad_stats`` is kept only when it was computed this step.
@@ -135,7 +136,9 @@ def record_from_metrics(step: int, metrics: Mapping[str, Any], *,
     record["step_time_s"] = float(step_time_s)
   record.update(metrics)
   record.update(extra)
-  return to_jsonable(record, where="record")
+  # Plain Python values; non-finite floats stay floats (NaN, inf) so that the
+  # record can be checked (SkipGuard) before it is written.
+  return from_jsonable(to_jsonable(record, where="record"))
 
 
 class MetricsWriter:
@@ -167,13 +170,17 @@ class MetricsWriter:
     self._file: Optional[IO[str]] = open(self.path, "a" if append else "w")
 
   def write_record(self, record: Mapping[str, Any]) -> Dict[str, Any]:
-    """Writes `record` (any values `to_jsonable` takes); returns what was written."""
+    """Writes `record` (any values `to_jsonable` takes).
+
+    Returns:
+      The record as written, with non-finite floats as floats again.
+    """
     if self._file is None:
       raise ValueError(f"MetricsWriter: {self.path} is closed.")
     record = to_jsonable(dict(record), where="record")
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
-    return record
+    return from_jsonable(record)
 
   def write(self, step: int, metrics: Mapping[str, Any], *,
             step_time_s: Optional[float] = None, like: Any = None,

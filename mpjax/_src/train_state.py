@@ -53,7 +53,7 @@ class TrainState(train_state.TrainState):
       **kwargs: further fields of a subclass.
     """
     policy = policy_lib.get_policy(policy)
-    given = {id(x) for x in jax.tree.leaves(params)}
+    given = {id(x) for x in jax.tree.leaves((params, rng))}
     params = policy.cast_to_param(params)
     state = cls(step=jnp.zeros([], jnp.int32), apply_fn=apply_fn,
                 params=params, tx=tx, opt_state=tx.init(params),
