@@ -4,6 +4,7 @@ Precision policies (on `jmp.Policy`), loss scaling as an optax wrapper with
 PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 """
 
+from mpjax._src.adam import adam
 from mpjax._src.checkpoint import CheckpointManager
 from mpjax._src.checkpoint import restore
 from mpjax._src.checkpoint import save
@@ -66,6 +67,7 @@ __all__ = (
     "StaticScaling",
     "TensorStats",
     "TrainState",
+    "adam",
     "current_loss_scale",
     "data_parallel",
     "debug_forward",

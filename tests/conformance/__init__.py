@@ -1,0 +1,1 @@
+"""Conformance tests against the real PyTorch and Keras 3 (see conftest.py)."""

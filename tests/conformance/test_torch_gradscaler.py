@@ -1,0 +1,193 @@
+"""mpjax's `DynamicScaling.like_torch` against the real `torch.amp.GradScaler`.
+
+Both sides train the same toy least-squares problem (conftest.py) with Adam
+for thousands of steps; on the steps a pattern chooses, the gradients of the
+scaled loss get an inf or NaN written into them after the backward pass. After
+every step the tests compare the loss scale, the growth counter, the skip
+decision, Adam's step count (torch's ``state['step']`` against the inner
+optax Adam's ``count``) and whether the parameters moved; at the end, the
+parameters and Adam's moments.
+"""
+
+import numpy as np
+import pytest
+
+import mpjax
+
+torch = pytest.importorskip(
+    "torch", reason="torch is not installed; it comes with the `conformance` "
+    "extra: pip install -e '.[conformance]'")
+
+STEPS = 2400
+LR = 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+  # A 4x2 model: threads only add synchronisation cost.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+def run_torch(problem, codes, poison_of, **scaler_kwargs):
+  """Drives `GradScaler("cpu")` + `torch.optim.Adam` as torch's AMP recipe does.
+
+  Returns ``(records, final)`` shaped like the mpjax side's (conftest.py).
+  """
+  model = torch.nn.Linear(problem["w"].shape[0], problem["w"].shape[1])
+  with torch.no_grad():
+    model.weight.copy_(torch.from_numpy(problem["w"].T.copy()))
+    model.bias.copy_(torch.from_numpy(problem["b"]))
+  params = {"w": model.weight, "b": model.bias}
+  optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+  scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+  x, y = torch.from_numpy(problem["x"]), torch.from_numpy(problem["y"])
+  records = {name: [] for name in
+             ("scale", "growth_count", "skipped", "adam_count", "params_moved")}
+  for code in codes:
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.mean((model(x) - y) ** 2)
+    scaler.scale(loss).backward()
+    if code:
+      leaf, index, value = poison_of(int(code))
+      # torch's weight is w transposed: w[0, 0] is weight[0, 0] all the same.
+      params[leaf].grad[index] = value
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(optimizer)
+    # The decision `step` itself consulted (GradScaler has no public getter).
+    found_inf = sum(v.item() for v in
+                    scaler._found_inf_per_device(optimizer).values())
+    scaler.update()
+    records["scale"].append(scaler.get_scale())
+    records["growth_count"].append(scaler._get_growth_tracker())
+    records["skipped"].append(found_inf > 0)
+    records["adam_count"].append(
+        int(optimizer.state[model.weight].get("step", 0)))
+    records["params_moved"].append(any(
+        not torch.equal(b, p) for b, p in zip(before, model.parameters())))
+  state = optimizer.state
+  as_np = lambda t: t.detach().numpy().copy()
+  final = {
+      "params": {"w": as_np(model.weight).T, "b": as_np(model.bias)},
+      "mu": {"w": as_np(state[model.weight]["exp_avg"]).T,
+             "b": as_np(state[model.bias]["exp_avg"])},
+      "nu": {"w": as_np(state[model.weight]["exp_avg_sq"]).T,
+             "b": as_np(state[model.bias]["exp_avg_sq"])},
+  }
+  return {k: np.asarray(v) for k, v in records.items()}, final
+
+
+def assert_same_trajectory(ours, theirs, codes):
+  """Every step: same scale (exactly), counter, skip, Adam count, movement."""
+  for name in ("scale", "growth_count", "skipped", "adam_count",
+               "params_moved"):
+    mine = ours[name].astype(theirs[name].dtype)
+    bad = np.flatnonzero(mine != theirs[name])
+    assert bad.size == 0, (
+        f"{name} differs from torch first at step {bad[0]}: mpjax "
+        f"{ours[name][bad[0]]!r}, torch {theirs[name][bad[0]]!r} (code "
+        f"{codes[bad[0]]}; torch's previous scale "
+        f"{theirs['scale'][bad[0] - 1] if bad[0] else None!r})")
+  # The only non-finite steps are the poisoned ones, on both sides.
+  np.testing.assert_array_equal(theirs["skipped"], codes > 0)
+
+
+def assert_same_final_state(ours, theirs):
+  """Same updates taken: only float32 rounding (torch's Adam vs optax's) apart.
+
+  The toy problem converges, so parameters and first moments end near 0 and
+  are compared to an absolute tolerance (the first moment to 1% of the
+  gradients' root mean square); the second moment (an average over the last
+  ~1000 squared gradients) would show any gradient unscaled by the wrong scale
+  (a factor of 4) and is compared to 0.01% of its largest element.
+  """
+  for leaf in ("w", "b"):
+    np.testing.assert_allclose(ours["params"][leaf], theirs["params"][leaf],
+                               rtol=1e-4, atol=LR * 1e-2,
+                               err_msg=f"params[{leaf!r}]")
+    grad_rms = np.sqrt(theirs["nu"][leaf].max())
+    np.testing.assert_allclose(ours["mu"][leaf], theirs["mu"][leaf],
+                               rtol=1e-4, atol=1e-2 * grad_rms,
+                               err_msg=f"mu[{leaf!r}]")
+    np.testing.assert_allclose(ours["nu"][leaf], theirs["nu"][leaf],
+                               rtol=1e-4, atol=1e-4 * grad_rms**2,
+                               err_msg=f"nu[{leaf!r}]")
+
+
+@pytest.mark.parametrize("seed,growth_interval", [(0, 2), (1, 3), (2, 5)])
+def test_scale_skips_and_adam_count_match_torch_on_random_patterns(
+    toy, seed, growth_interval):
+  problem = toy.make_problem(seed)
+  codes = toy.make_pattern(seed, STEPS, growth_interval, initial_log2=16,
+                           band=(8, 40), floor_log2=2)
+  theirs, their_final = run_torch(problem, codes, toy.poison_of,
+                                  growth_interval=growth_interval)
+  # The default floor of 1 never binds: torch stays above it here.
+  assert theirs["scale"].min() >= 1.0
+  ours, our_final = toy.run_mpjax(
+      mpjax.DynamicScaling.like_torch(growth_interval=growth_interval),
+      problem, codes, LR)
+  assert_same_trajectory(ours, theirs, codes)
+  assert_same_final_state(our_final, their_final)
+  # The pattern exercised both directions many times.
+  assert np.sum(np.diff(np.log2(theirs["scale"])) > 0) > 50
+  assert np.sum(codes > 0) > 100
+
+
+def test_growth_that_would_overflow_keeps_the_old_scale_like_torch(toy):
+  growth_interval = 2
+  problem = toy.make_problem(3)
+  codes = toy.make_pattern(3, STEPS, growth_interval, initial_log2=16,
+                           band=(120, 200), floor_log2=2, p_bad=0.05)
+  theirs, their_final = run_torch(problem, codes, toy.poison_of,
+                                  growth_interval=growth_interval)
+  ours, our_final = toy.run_mpjax(
+      mpjax.DynamicScaling.like_torch(growth_interval=growth_interval),
+      problem, codes, LR)
+  assert_same_trajectory(ours, theirs, codes)
+  assert_same_final_state(our_final, their_final)
+  assert np.all(np.isfinite(theirs["scale"]))
+  # The suppressed growth happened often: a finite step that reset the
+  # counter at 2**127 and kept the scale there.
+  at_max = theirs["scale"] == 2.0**127
+  suppressed = (at_max[1:] & at_max[:-1] & (theirs["growth_count"][1:] == 0)
+                & ~theirs["skipped"][1:])
+  assert suppressed.sum() > 20
+
+
+def test_scale_below_one_matches_torch_with_min_scale_lowered(toy):
+  growth_interval = 3
+  problem = toy.make_problem(4)
+  codes = toy.make_pattern(4, STEPS, growth_interval, initial_log2=16,
+                           band=(-40, -20), floor_log2=-60, p_bad=0.3)
+  theirs, their_final = run_torch(problem, codes, toy.poison_of,
+                                  growth_interval=growth_interval)
+  assert theirs["scale"].min() < 2.0**-30
+  ours, our_final = toy.run_mpjax(
+      mpjax.DynamicScaling.like_torch(growth_interval=growth_interval,
+                                      min_scale=2.0**-126),
+      problem, codes, LR)
+  assert_same_trajectory(ours, theirs, codes)
+  assert_same_final_state(our_final, their_final)
+
+
+def test_default_floor_of_one_differs_from_torch_on_purpose(toy):
+  # From 4, six non-finite steps then four finite ones, interval 2.
+  problem = toy.make_problem(5)
+  codes = np.array([1, 2, 3, 4, 5, 6, 0, 0, 0, 0], np.int32)
+  theirs, _ = run_torch(problem, codes, toy.poison_of, init_scale=4.0,
+                        growth_interval=2)
+  ours, _ = toy.run_mpjax(
+      mpjax.DynamicScaling.like_torch(initial_scale=4.0, growth_interval=2),
+      problem, codes, LR)
+  # torch halves below 1 (pytorch #99640); mpjax stops at its floor of 1.
+  np.testing.assert_array_equal(
+      theirs["scale"], [2, 1, 0.5, 0.25, 0.125, 0.0625, 0.0625, 0.125, 0.125,
+                        0.25])
+  np.testing.assert_array_equal(
+      ours["scale"], [2, 1, 1, 1, 1, 1, 1, 2, 2, 4])
+  # The skip decisions and Adam's count agree all the same.
+  np.testing.assert_array_equal(ours["skipped"], theirs["skipped"])
+  np.testing.assert_array_equal(ours["adam_count"], theirs["adam_count"])
