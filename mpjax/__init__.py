@@ -30,6 +30,10 @@ from mpjax._src.metrics_log import ProgressBar
 from mpjax._src.metrics_log import read_metrics
 from mpjax._src.metrics_log import record_from_metrics
 from mpjax._src.policy import PRESETS
+from mpjax._src.program_audit import ProgramAudit
+from mpjax._src.program_audit import Residuals
+from mpjax._src.program_audit import audit as audit_program
+from mpjax._src.program_audit import residuals
 from mpjax._src.policy import get_policy
 from mpjax._src.policy import policy_name
 from mpjax._src.sharding import ShardingPlan
@@ -60,7 +64,9 @@ __all__ = (
     "NoScaling",
     "NonFiniteTrainingError",
     "PRESETS",
+    "ProgramAudit",
     "ProgressBar",
+    "Residuals",
     "ScaleCollapseWarning",
     "ShardingPlan",
     "SkipGuard",
@@ -68,6 +74,7 @@ __all__ = (
     "TensorStats",
     "TrainState",
     "adam",
+    "audit_program",
     "current_loss_scale",
     "data_parallel",
     "debug_forward",
@@ -85,6 +92,7 @@ __all__ = (
     "policy_name",
     "read_metrics",
     "record_from_metrics",
+    "residuals",
     "restore",
     "save",
     "scale_loss",
