@@ -4,7 +4,10 @@ Precision policies (on `jmp.Policy`), loss scaling as an optax wrapper with
 PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 """
 
+from mpjax import numerics
 from mpjax._src.adam import adam
+from mpjax._src.audit import PolicyRow
+from mpjax._src.audit import policy_table
 from mpjax._src.checkpoint import CheckpointManager
 from mpjax._src.checkpoint import restore
 from mpjax._src.checkpoint import save
@@ -29,6 +32,8 @@ from mpjax._src.metrics_log import MetricsWriter
 from mpjax._src.metrics_log import ProgressBar
 from mpjax._src.metrics_log import read_metrics
 from mpjax._src.metrics_log import record_from_metrics
+from mpjax._src.module_policy import PolicyMap
+from mpjax._src.nnx_policy import with_nnx_policy
 from mpjax._src.policy import PRESETS
 from mpjax._src.program_audit import ProgramAudit
 from mpjax._src.program_audit import Residuals
@@ -64,6 +69,8 @@ __all__ = (
     "NoScaling",
     "NonFiniteTrainingError",
     "PRESETS",
+    "PolicyMap",
+    "PolicyRow",
     "ProgramAudit",
     "ProgressBar",
     "Residuals",
@@ -88,8 +95,10 @@ __all__ = (
     "loss_scaled",
     "make_train_step",
     "nonfinite_leaf_paths",
+    "numerics",
     "periodic_grad_stats",
     "policy_name",
+    "policy_table",
     "read_metrics",
     "record_from_metrics",
     "residuals",
@@ -97,5 +106,6 @@ __all__ = (
     "save",
     "scale_loss",
     "unscale_gradients",
+    "with_nnx_policy",
     "with_policy",
 )

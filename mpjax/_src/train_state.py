@@ -23,7 +23,9 @@ class TrainState(train_state.TrainState):
     tx: the optax transformation (static); wrap it with `mpjax.loss_scaled` for
       loss scaling and non-finite step skipping.
     opt_state: the state of `tx`.
-    policy: the `jmp.Policy` the train step casts with (static).
+    policy: the `jmp.Policy` the train step casts with (static), or a
+      `mpjax.PolicyMap` (per-module policies; a `jmp.Policy` whose dtypes are
+      its default's, so the master params are stored in its param dtype).
     rng: a PRNG key or None. `make_train_step` hands
       ``jax.random.fold_in(rng, step)`` to the loss function, so the key itself
       never changes and a resumed run draws the same numbers.
@@ -48,7 +50,9 @@ class TrainState(train_state.TrainState):
       params: the initial parameters; floating leaves are cast to
         ``policy.param_dtype`` (the master copy), other leaves are kept.
       tx: the optax transformation.
-      policy: a preset name, a jmp policy string or a `jmp.Policy`.
+      policy: a preset name, a jmp policy string, a `jmp.Policy` or a
+        `mpjax.PolicyMap` (params are stored in its param dtype, float32 for
+        the mixed presets; the train step applies it per module).
       rng: an optional PRNG key for dropout and other randomness.
       **kwargs: further fields of a subclass.
     """

@@ -10,6 +10,8 @@ import numpy as np
 import optax
 
 from mpjax._src import grad_stats as grad_stats_lib
+from mpjax._src import linen_policy
+from mpjax._src import module_policy
 from mpjax._src import policy as policy_lib
 from mpjax._src import sharding as sharding_lib
 from mpjax._src import train_state as train_state_lib
@@ -27,13 +29,23 @@ def with_policy(apply_fn: Callable, policy: policy_lib.PolicyLike) -> Callable:
   non-array arguments pass untouched. Differentiating through it with respect
   to float32 params gives float32 gradients: the casts are part of the graph.
 
+  With a `mpjax.PolicyMap` the policy is per module instead (float32
+  islands, overrides by class and path): for linen, `apply_fn` is
+  ``model.apply`` (or a function of ``(variables, ...)`` that calls it) and
+  each module casts at its own boundary; for NNX, `apply_fn` calls a model
+  prepared with ``mpjax.with_nnx_policy(model, policy_map)``. See
+  `mpjax._src.linen_policy.with_policy_map`.
+
   Args:
     apply_fn: e.g. ``model.apply``.
-    policy: a preset name, a jmp policy string or a `jmp.Policy`.
+    policy: a preset name, a jmp policy string, a `jmp.Policy` or a
+      `PolicyMap`.
 
   Returns:
     A function with the signature of `apply_fn`.
   """
+  if isinstance(policy, module_policy.PolicyMap):
+    return linen_policy.with_policy_map(apply_fn, policy)
   policy = policy_lib.get_policy(policy)
 
   @functools.wraps(apply_fn)

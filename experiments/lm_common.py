@@ -1,0 +1,309 @@
+"""What the two language-model examples share: the config, the run, the table.
+
+`lm_linen.py` and `lm_nnx.py` each define the model once in their API
+(`lm_models_linen`, `lm_models_nnx`) and a ``build`` function; this module
+trains it with `mpjax.TrainState`, `mpjax.make_train_step` and
+`mpjax.loss_scaled` under each precision configuration and prints one table.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+import flax
+import jax
+import numpy as np
+import optax
+
+import lm_data
+import mpjax
+from mpjax import numerics
+from mpjax._src.module_policy import PolicyMap
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Shape of the transformer language model.
+
+  Attributes:
+    vocab_size: number of token ids (256 for bytes).
+    seq_len: the longest sequence (size of the position embedding).
+    num_layers: transformer blocks.
+    d_model: width of the residual stream.
+    num_heads: attention heads (``d_model`` must be a multiple).
+    mlp_ratio: MLP hidden width over ``d_model``.
+  """
+  vocab_size: int = lm_data.VOCAB_SIZE
+  seq_len: int = 64
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  mlp_ratio: int = 4
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"LMConfig.{field.name} must be a positive int, got "
+                         f"{value!r}.")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"LMConfig: d_model {self.d_model} is not a multiple "
+                       f"of num_heads {self.num_heads}.")
+
+  @property
+  def residual_init_std(self) -> float:
+    """GPT-2's init for layers that write to the residual stream."""
+    return 0.02 / (2 * self.num_layers) ** 0.5
+
+  @classmethod
+  def gpt2_124m(cls, vocab_size: int = 50257,
+                seq_len: int = 1024) -> "LMConfig":
+    """GPT-2 small: 12 layers, d_model 768, 12 heads (124M params with the
+    50257-token vocabulary, tied output embedding)."""
+    return cls(vocab_size=vocab_size, seq_len=seq_len, num_layers=12,
+               d_model=768, num_heads=12, mlp_ratio=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  name: str
+  policy: PolicyMap
+  scaling: mpjax.LossScaling
+
+
+CONFIGS = (
+    RunConfig("float32", PolicyMap("float32"), mpjax.NoScaling()),
+    RunConfig("mixed_bfloat16", PolicyMap("mixed_bfloat16"), mpjax.NoScaling()),
+    RunConfig("mixed_float16", PolicyMap("mixed_float16"),
+              mpjax.DynamicScaling.like_torch()),
+)
+
+# build(config, policy_map, seed) -> (apply_fn, params): apply_fn is called
+# as apply_fn({"params": params}, tokens) and returns logits.
+Build = Callable[[LMConfig, PolicyMap, int], Tuple[Callable, Any]]
+
+
+def loss_fn(params, batch, apply_fn, rng):
+  """Mean next-byte cross-entropy (nats), computed in float32."""
+  del rng
+  logits = apply_fn({"params": params}, batch["x"])
+  return numerics.softmax_cross_entropy_with_integer_labels(
+      logits, batch["y"]).mean()
+
+
+def make_optimizer(args: argparse.Namespace,
+                   scaling: mpjax.LossScaling) -> optax.GradientTransformation:
+  """Clip (inside: it sees unscaled gradients) then Adam with warm-up/cosine."""
+  warmup = min(args.warmup_steps, args.steps - 1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, args.lr, warmup, max(args.steps, warmup + 1),
+      end_value=0.1 * args.lr)
+  inner = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adam(schedule, b2=0.95))
+  return mpjax.loss_scaled(inner, scaling)
+
+
+def run_config(run: RunConfig, build: Build, config: LMConfig,
+               corpus: lm_data.Corpus, args: argparse.Namespace) -> dict:
+  """Trains one configuration; returns its row."""
+  apply_fn, params = build(config, run.policy, args.seed)
+  state = mpjax.TrainState.create(apply_fn=apply_fn, params=params,
+                                  tx=make_optimizer(args, run.scaling),
+                                  policy=run.policy)
+  step = mpjax.make_train_step(loss_fn)
+  batches = lm_data.train_batches(corpus.train, args.batch_size,
+                                  config.seq_len, seed=args.seed)
+  first = next(batches)
+  start = time.perf_counter()
+  compiled = step.lower(state, first).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+
+  losses = []
+  timed_start = None
+  batch = first
+  for i in range(args.steps):
+    if i == args.timing_warmup:
+      jax.block_until_ready(state)
+      timed_start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    losses.append(metrics["loss"])
+    batch = next(batches)
+  jax.block_until_ready(state)
+  elapsed = time.perf_counter() - (timed_start or start)
+  timed_steps = args.steps - (args.timing_warmup if timed_start else 0)
+  losses = np.asarray(jax.device_get(losses), np.float64)
+  if not np.all(np.isfinite(losses[-args.report_window:])):
+    raise FloatingPointError(f"{run.name}: non-finite loss at the end of "
+                             "training.")
+
+  evaluate = jax.jit(lambda p, b: loss_fn(p, b, mpjax.with_policy(
+      apply_fn, run.policy), None))
+  val = [float(evaluate(state.params, b)) for b in lm_data.eval_batches(
+      corpus.val, args.batch_size, config.seq_len, args.eval_batches)]
+  scale_state = mpjax.loss_scale_state(state.opt_state)
+  device = jax.devices()[0]
+  return {
+      "config": run.name,
+      "policy": repr(run.policy),
+      "scaling": repr(run.scaling),
+      "final_train_loss": float(losses[-args.report_window:].mean()),
+      "val_loss": float(np.mean(val)),
+      "tokens_per_s": timed_steps * args.batch_size * config.seq_len / elapsed,
+      "timed_steps": timed_steps,
+      "steps": args.steps,
+      "skipped_steps": int(scale_state.skipped_steps),
+      "final_loss_scale": float(scale_state.scale),
+      "compile_s": compile_s,
+      "xla_argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+      "xla_output_bytes": getattr(memory, "output_size_in_bytes", None),
+      "xla_alias_bytes": getattr(memory, "alias_size_in_bytes", None),
+      "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+      "param_count": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+      "loss_curve": [float(x) for x in losses],
+      "device": f"{device.platform}:{device.device_kind}",
+  }
+
+
+COLUMNS = (
+    ("config", "config", "{}"),
+    ("final train loss", "final_train_loss", "{:.4f}"),
+    ("val loss", "val_loss", "{:.4f}"),
+    ("vs float32", "val_gap_pct", "{:+.2f}%"),
+    ("tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("skipped", "skipped_steps", "{}"),
+    ("final scale", "final_loss_scale", "{:g}"),
+    ("compile s", "compile_s", "{:.1f}"),
+    ("XLA temp B", "xla_temp_bytes", "{:,}"),
+    ("XLA args B", "xla_argument_bytes", "{:,}"),
+    ("XLA out B", "xla_output_bytes", "{:,}"),
+)
+
+
+def markdown_table(rows: List[dict]) -> str:
+  fmt = lambda spec, value: "n/a" if value is None else spec.format(value)
+  lines = ["| " + " | ".join(t for t, _, _ in COLUMNS) + " |",
+           "|" + "---|" * len(COLUMNS)]
+  for row in rows:
+    lines.append("| " + " | ".join(fmt(s, row.get(k)) for _, k, s in COLUMNS)
+                 + " |")
+  return "\n".join(lines)
+
+
+def environment(argv: List[str]) -> dict:
+  device = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "command": "python " + " ".join(argv),
+      "device": f"{device.platform}:{device.device_kind}",
+      "machine": platform.machine(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": importlib.metadata.version("jaxlib"),
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "mpjax": mpjax.__version__,
+  }
+
+
+def parse_args(argv: List[str], api: str) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=f"Train the {api} transformer LM in float32, mixed_bfloat16 "
+                  "and mixed_float16 + dynamic loss scaling.")
+  parser.add_argument("--model", choices=("small", "gpt2-124m"),
+                      default="small",
+                      help="small: the flags below; gpt2-124m: GPT-2 small's "
+                           "shape (12 x 768, 12 heads, vocabulary 256 here)")
+  parser.add_argument("--layers", type=int, default=2)
+  parser.add_argument("--d-model", type=int, default=64)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--seq-len", type=int, default=64)
+  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--warmup-steps", type=int, default=30)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max-bytes", type=int, default=2_000_000)
+  parser.add_argument("--eval-batches", type=int, default=16)
+  parser.add_argument("--report-window", type=int, default=50,
+                      help="final train loss = mean of the last N steps")
+  parser.add_argument("--timing-warmup", type=int, default=10,
+                      help="steps left out of tokens/s")
+  parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS],
+                      choices=[c.name for c in CONFIGS])
+  parser.add_argument("--max-gap-pct", type=float, default=2.0,
+                      help="exit with an error if a mixed run's val loss is "
+                           "more than this far from float32's")
+  parser.add_argument("--json", default=os.path.join("runs", f"lm_{api}.json"))
+  args = parser.parse_args(argv)
+  for name in ("layers", "d_model", "heads", "seq_len", "batch_size", "steps",
+               "eval_batches", "report_window"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1")
+  if args.timing_warmup >= args.steps:
+    args.timing_warmup = 0
+  return args
+
+
+def model_config(args: argparse.Namespace) -> LMConfig:
+  if args.model == "gpt2-124m":
+    return LMConfig.gpt2_124m(vocab_size=lm_data.VOCAB_SIZE,
+                              seq_len=args.seq_len)
+  return LMConfig(seq_len=args.seq_len, num_layers=args.layers,
+                  d_model=args.d_model, num_heads=args.heads)
+
+
+def gap_failures(rows: List[dict], max_gap_pct: float) -> List[str]:
+  """Configs whose validation loss is more than `max_gap_pct` % from float32."""
+  return [r["config"] for r in rows
+          if r.get("val_gap_pct") is not None and
+          abs(r["val_gap_pct"]) > max_gap_pct]
+
+
+def main(argv: List[str], api: str, build: Build) -> Dict[str, Any]:
+  """Runs the configurations, prints the table, writes JSON; returns it.
+
+  Raises:
+    SystemExit: a mixed run ended more than ``--max-gap-pct`` from float32.
+  """
+  args = parse_args(argv[1:], api)
+  config = model_config(args)
+  corpus = lm_data.load(args.max_bytes)
+  env = environment(argv)
+  env.update(api=api, model_config=dataclasses.asdict(config),
+             **corpus.describe(),
+             **{k: v for k, v in vars(args).items() if k not in ("json",)})
+  rows = [run_config(r, build, config, corpus, args)
+          for r in CONFIGS if r.name in args.configs]
+  reference = next((r for r in rows if r["config"] == "float32"), None)
+  for row in rows:
+    row["val_gap_pct"] = (None if reference is None else
+                          100 * (row["val_loss"] / reference["val_loss"] - 1))
+  print(f"{api} transformer LM ({config.num_layers} x {config.d_model}, "
+        f"{config.num_heads} heads, seq {config.seq_len}, "
+        f"{rows[0]['param_count']:,} params) on {corpus.files} stdlib files "
+        f"({corpus.train.size:,} train bytes), {args.steps} steps x "
+        f"{args.batch_size}")
+  print(f"{env['device']}  python {env['python']}  jax {env['jax']}  flax "
+        f"{env['flax']}  optax {env['optax']}  {env['date']}")
+  print(markdown_table(rows))
+  failed = gap_failures(rows, args.max_gap_pct)
+  result = {"environment": env, "rows": rows,
+            "within_gap": not failed, "max_gap_pct": args.max_gap_pct}
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+  if failed:
+    raise SystemExit(f"{', '.join(failed)}: validation loss more than "
+                     f"{args.max_gap_pct}% away from float32's.")
+  return result
+

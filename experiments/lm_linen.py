@@ -1,0 +1,54 @@
+"""A small transformer language model in flax linen, three precisions.
+
+Trains `lm_models_linen.TransformerLM` (pre-norm, causal, GPT-2 layout) on
+the bytes of Python's standard library (`lm_data`) in float32,
+mixed_bfloat16 and mixed_float16 + dynamic loss scaling (``like_torch``),
+each as an `mpjax.PolicyMap` (float32 islands on: LayerNorms and the
+attention softmax in float32, Dense/attention projections/Embed in the low
+dtype), with `mpjax.TrainState`, `mpjax.make_train_step` and
+`mpjax.loss_scaled`. Prints one table (final train loss, validation loss and
+its gap to float32, tokens/s, skipped steps, XLA memory_analysis) and writes
+it as JSON.
+
+Command (from the repository root, after `pip install -e .`):
+
+  python experiments/lm_linen.py                 # ~1.5 min on 2 CPU cores
+  python experiments/lm_linen.py --model gpt2-124m --seq-len 1024  # GPU-sized
+
+Expected with the defaults (2 layers x 64, 4 heads, seq 64, batch 16, 600
+steps, Adam 3e-3 with warm-up and cosine decay, 120,576 params): validation
+loss about 2.04 nats/byte in every configuration, the mixed ones within 2% of
+float32 (measured +0.70% bfloat16, +0.23% float16 on CPU; the script exits
+with an error beyond 2%), at most a few skipped steps in mixed_float16 (1,
+scale 65536 -> 32768). tokens/s on a CPU says little: XLA:CPU computes
+float16 and bfloat16 matmuls by converting to float32.
+"""
+
+import os
+import sys
+from typing import Any, Callable, Tuple
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lm_common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lm_models_linen  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def build(config: lm_common.LMConfig, policy: Any,
+          seed: int) -> Tuple[Callable, Any]:
+  """(model.apply, float32 params); the train step applies `policy`."""
+  del policy  # linen: the policy travels in the TrainState.
+  model = lm_models_linen.TransformerLM(config)
+  tokens = jnp.zeros((1, config.seq_len), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(seed), tokens)["params"]
+  return model.apply, params
+
+
+def main(argv):
+  return lm_common.main(argv, "linen", build)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,336 @@
+"""float32 islands for functional ops: upcast, compute, return float32.
+
+The functions here follow the contract of PyTorch autocast's float32 list
+(``softmax``, ``log_softmax``, ``logsumexp``, ``cross_entropy``,
+``layer_norm``...): whatever the floating dtype of the inputs (float16,
+bfloat16, float32), they are converted to float32, the op runs in float32, and
+the result is float32. ``dtype=`` casts the float32 result on the way out (for
+example back to the compute dtype, to keep activations small). float64 inputs
+are computed and returned in float64, never narrowed.
+
+Gradients flow through the casts: differentiating with respect to a float16
+input gives a float16 gradient of the float32 computation.
+
+`dot_product_attention` is the island for attention: the attention logits
+``q k^T / sqrt(d)`` are accumulated and returned in float32 (the matmul keeps
+its operands in the compute dtype), masked and normalised in float32; only the
+probabilities that multiply the values are cast back. It accepts the keyword
+arguments flax's linen and NNX attention layers pass, so it can be given as
+their ``attention_fn``.
+"""
+
+import functools
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Axis = Union[int, Sequence[int]]
+DTypeLike = Any
+
+
+def _upcast(x: jax.Array) -> jax.Array:
+  """x as a float32 (or wider) floating array."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"mpjax.numerics expects a floating array, got dtype {x.dtype}.")
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _finish(y: jax.Array, dtype: Optional[DTypeLike]) -> jax.Array:
+  return y if dtype is None else y.astype(dtype)
+
+
+def softmax(x: jax.Array, axis: Axis = -1, *,
+            where: Optional[jax.Array] = None,
+            dtype: Optional[DTypeLike] = None) -> jax.Array:
+  """Softmax over `axis`, computed in float32.
+
+  Args:
+    x: floating array of any shape and dtype (float16, bfloat16, float32).
+    axis: axis or axes to normalise over.
+    where: optional boolean mask of `x`'s shape; masked-out elements get
+      probability 0 (``jax.nn.softmax``'s semantics).
+    dtype: dtype of the result; default float32 (float64 stays float64).
+
+  Returns:
+    Array of `x`'s shape: float32 probabilities that sum to 1 over `axis`, or
+    cast to `dtype`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mpjax import numerics
+    >>> numerics.softmax(jnp.array([0.0, 0.0], jnp.float16)).dtype
+    dtype('float32')
+  """
+  return _finish(jax.nn.softmax(_upcast(x), axis=axis, where=where), dtype)
+
+
+def log_softmax(x: jax.Array, axis: Axis = -1, *,
+                where: Optional[jax.Array] = None,
+                dtype: Optional[DTypeLike] = None) -> jax.Array:
+  """Log-softmax over `axis`, computed in float32.
+
+  Args:
+    x: floating array of any shape and dtype.
+    axis: axis or axes to normalise over.
+    where: optional boolean mask (``jax.nn.log_softmax``'s semantics).
+    dtype: dtype of the result; default float32.
+
+  Returns:
+    Array of `x`'s shape, float32 (or `dtype`).
+  """
+  return _finish(jax.nn.log_softmax(_upcast(x), axis=axis, where=where), dtype)
+
+
+def logsumexp(x: jax.Array, axis: Optional[Axis] = -1, *,
+              keepdims: bool = False,
+              dtype: Optional[DTypeLike] = None) -> jax.Array:
+  """``log(sum(exp(x)))`` over `axis`, computed in float32.
+
+  In float16, ``sum(exp(x))`` overflows for any ``x`` above 11.1 unless the
+  maximum is subtracted first; here both the shift and the sum are float32.
+
+  Args:
+    x: floating array of any shape and dtype.
+    axis: axis or axes to reduce (None: all).
+    keepdims: keep the reduced axes with size 1.
+    dtype: dtype of the result; default float32.
+
+  Returns:
+    `x`'s shape without `axis` (or with size-1 axes), float32 (or `dtype`).
+  """
+  return _finish(jax.nn.logsumexp(_upcast(x), axis=axis, keepdims=keepdims),
+                 dtype)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.Array, labels: jax.Array, *, axis: int = -1,
+    dtype: Optional[DTypeLike] = None) -> jax.Array:
+  """Cross-entropy between `logits` and integer class `labels`, in float32.
+
+  Same values as ``optax.softmax_cross_entropy_with_integer_labels`` computed
+  on float32 logits (the logits are upcast first, as autocast does for
+  ``cross_entropy``); no reduction over the batch.
+
+  Args:
+    logits: floating array ``[..., num_classes]`` (class axis `axis`), any
+      floating dtype.
+    labels: integer array of `logits`' shape without the class axis.
+    axis: the class axis of `logits`.
+    dtype: dtype of the result; default float32.
+
+  Returns:
+    Per-example losses, `labels`' shape, float32 (or `dtype`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mpjax import numerics
+    >>> loss = numerics.softmax_cross_entropy_with_integer_labels(
+    ...     jnp.zeros((2, 4), jnp.bfloat16), jnp.array([0, 3]))
+    >>> loss.dtype, loss.shape
+    (dtype('float32'), (2,))
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(
+        "softmax_cross_entropy_with_integer_labels: labels must be integers, "
+        f"got dtype {labels.dtype}; use softmax_cross_entropy for "
+        "probabilities.")
+  return _finish(optax.softmax_cross_entropy_with_integer_labels(
+      _upcast(logits), labels, axis=axis), dtype)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                          axis: int = -1,
+                          dtype: Optional[DTypeLike] = None) -> jax.Array:
+  """Cross-entropy between `logits` and target probabilities, in float32.
+
+  Args:
+    logits: floating array ``[..., num_classes]``, any floating dtype.
+    labels: floating array of `logits`' shape (probabilities), any dtype.
+    axis: the class axis.
+    dtype: dtype of the result; default float32.
+
+  Returns:
+    Per-example losses, `logits`' shape without `axis`, float32 (or `dtype`).
+  """
+  return _finish(optax.softmax_cross_entropy(
+      _upcast(logits), _upcast(labels), axis=axis), dtype)
+
+
+def layer_norm(x: jax.Array, scale: Optional[jax.Array] = None,
+               bias: Optional[jax.Array] = None, *, axis: Axis = -1,
+               epsilon: float = 1e-5,
+               dtype: Optional[DTypeLike] = None) -> jax.Array:
+  """Layer normalisation over `axis`, statistics and arithmetic in float32.
+
+  ``(x - mean) / sqrt(var + epsilon) * scale + bias`` with the biased
+  variance, like ``torch.nn.functional.layer_norm`` (whose default `epsilon`,
+  1e-5, this takes; flax's layers default to 1e-6).
+
+  Args:
+    x: floating array of any shape and dtype.
+    scale: optional array broadcastable to the normalised axes (any floating
+      dtype; upcast).
+    bias: optional array like `scale`.
+    axis: axis or axes holding the features to normalise.
+    epsilon: added to the variance.
+    dtype: dtype of the result; default float32.
+
+  Returns:
+    Array of `x`'s shape, float32 (or `dtype`).
+  """
+  x = _upcast(x)
+  mean = jnp.mean(x, axis=axis, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=axis, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + epsilon)
+  if scale is not None:
+    y = y * _upcast(scale)
+  if bias is not None:
+    y = y + _upcast(bias)
+  return _finish(y, dtype)
+
+
+def rms_norm(x: jax.Array, scale: Optional[jax.Array] = None, *,
+             axis: Axis = -1, epsilon: float = 1e-6,
+             dtype: Optional[DTypeLike] = None) -> jax.Array:
+  """RMS normalisation ``x / sqrt(mean(x**2) + epsilon) * scale`` in float32.
+
+  Args:
+    x: floating array of any shape and dtype.
+    scale: optional array broadcastable to the normalised axes.
+    axis: axis or axes to normalise over.
+    epsilon: added to the mean square (flax's default, 1e-6).
+    dtype: dtype of the result; default float32.
+
+  Returns:
+    Array of `x`'s shape, float32 (or `dtype`).
+  """
+  x = _upcast(x)
+  y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True)
+                        + epsilon)
+  if scale is not None:
+    y = y * _upcast(scale)
+  return _finish(y, dtype)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          bias: Optional[jax.Array] = None,
+                          mask: Optional[jax.Array] = None,
+                          broadcast_dropout: bool = True,
+                          dropout_rng: Optional[jax.Array] = None,
+                          dropout_rate: float = 0.0,
+                          deterministic: bool = False,
+                          dtype: Optional[DTypeLike] = None,
+                          precision: Any = None,
+                          module: Any = None,
+                          is_causal: bool = False) -> jax.Array:
+  """Multi-head dot-product attention with float32 logits and softmax.
+
+  A drop-in ``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention``
+  and ``flax.nnx.MultiHeadAttention``. Unlike flax's own
+  ``force_fp32_for_softmax=True``, which upcasts logits that were already
+  computed (and may have overflowed to inf) in float16, the ``q k^T`` matmul
+  here runs on compute-dtype operands with a float32 result
+  (``preferred_element_type``), so logits beyond float16's 65504 stay finite.
+
+  Dtypes: `query`, `key`, `value` share the compute dtype ``c`` (or are
+  promoted to `dtype` when given); logits, mask, bias, softmax and dropout are
+  float32; the probabilities are cast to ``c`` for the ``probs @ value``
+  matmul; the result is ``c``. With ``module`` (flax's ``sow_weights``) the
+  float32 probabilities are sown as ``attention_weights``.
+
+  Args:
+    query: ``[batch..., q_length, num_heads, head_dim]``.
+    key: ``[batch..., kv_length, num_kv_heads, head_dim]``; ``num_heads``
+      must be a multiple of ``num_kv_heads`` (grouped-query attention).
+    value: like `key`.
+    bias: optional, broadcastable to ``[batch..., num_heads, q_length,
+      kv_length]``; added to the logits.
+    mask: optional boolean (or 0/1) array of the same broadcast shape; False
+      positions get probability 0.
+    broadcast_dropout: share the dropout mask across batch and heads.
+    dropout_rng: key for attention dropout.
+    dropout_rate: attention dropout probability.
+    deterministic: disables dropout.
+    dtype: compute dtype of the matmuls; default: that of the inputs.
+    precision: passed to both einsums.
+    module: a flax module to sow the probabilities into, or None.
+    is_causal: apply a lower-triangular mask (NNX's option).
+
+  Returns:
+    ``[batch..., q_length, num_heads, head_dim]`` in the compute dtype.
+  """
+  if dtype is None:
+    dtype = jnp.result_type(query, key, value)
+  query, key, value = (jnp.asarray(a).astype(dtype)
+                       for a in (query, key, value))
+  heads, kv_heads = query.shape[-2], key.shape[-2]
+  if heads != kv_heads:
+    if kv_heads == 0 or heads % kv_heads:
+      raise ValueError(
+          f"dot_product_attention: {heads} query heads are not a multiple of "
+          f"{kv_heads} key/value heads.")
+    key = jnp.repeat(key, heads // kv_heads, axis=-2)
+    value = jnp.repeat(value, heads // kv_heads, axis=-2)
+  depth = query.shape[-1]
+  # Scale before the matmul, as flax does, so q stays small in float16.
+  query = query / jnp.sqrt(depth).astype(dtype)
+  logits = _attention_logits(query, key, precision)
+  if bias is not None:
+    logits = logits + _upcast(bias)
+  if is_causal:
+    q_len, kv_len = logits.shape[-2:]
+    causal = jnp.tril(jnp.ones((q_len, kv_len), jnp.bool_))
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if module is not None:
+    _sow_weights(module, probs)
+  if not deterministic and dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("dot_product_attention: dropout needs a dropout_rng.")
+    keep_prob = 1.0 - dropout_rate
+    shape = (probs.shape[-2:] if broadcast_dropout else probs.shape)
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    probs = jnp.where(keep, probs / keep_prob, 0.0)
+  return jnp.einsum("...hqk,...khd->...qhd", probs.astype(dtype), value,
+                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _attention_logits(query: jax.Array, key: jax.Array,
+                      precision: Any) -> jax.Array:
+  """``q k^T`` on compute-dtype operands with a float32 result."""
+  return jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision,
+                    preferred_element_type=jnp.float32)
+
+
+def _attention_logits_fwd(query, key, precision):
+  return _attention_logits(query, key, precision), (query, key)
+
+
+def _attention_logits_bwd(precision, residuals, grad):
+  # jax's own transpose would upcast q and k to the float32 cotangent's dtype
+  # and run both backward matmuls in float32; cast the cotangent down instead
+  # so that, as in the forward pass, the matmuls take compute-dtype operands.
+  query, key = residuals
+  grad = grad.astype(query.dtype)
+  return (jnp.einsum("...hqk,...khd->...qhd", grad, key, precision=precision),
+          jnp.einsum("...hqk,...qhd->...khd", grad, query, precision=precision))
+
+
+_attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
+
+
+def _sow_weights(module: Any, probs: jax.Array) -> None:
+  """Sows the probabilities where flax's own attention does, per API."""
+  if isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, "attention_weights", probs)
+  else:
+    module.sow("intermediates", "attention_weights", probs)

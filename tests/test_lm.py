@@ -1,0 +1,107 @@
+"""Tests for the transformer language-model examples (linen and NNX)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lm_common
+import lm_data
+import lm_linen
+import lm_models_linen
+import lm_models_nnx
+import lm_nnx
+
+
+def linen_param_count(config):
+  shapes = jax.eval_shape(
+      lambda: lm_models_linen.TransformerLM(config).init(
+          jax.random.key(0), jnp.zeros((1, config.seq_len), jnp.int32)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def nnx_param_count(config):
+  model = nnx.eval_shape(
+      lambda: lm_models_nnx.TransformerLM(config, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(x.shape))
+             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_gpt2_124m_shape_has_gpt2_smalls_parameter_count_in_both_apis():
+  config = lm_common.LMConfig.gpt2_124m()
+  assert linen_param_count(config) == 124_439_808
+  assert nnx_param_count(config) == 124_439_808
+
+
+def test_the_two_apis_build_the_same_model():
+  config = lm_common.LMConfig(seq_len=16, num_layers=3, d_model=24,
+                              num_heads=3)
+  assert linen_param_count(config) == nnx_param_count(config)
+
+
+@pytest.mark.parametrize("kwargs", [{"d_model": 10, "num_heads": 4},
+                                    {"num_layers": 0}, {"seq_len": 2.5}])
+def test_bad_configs_raise(kwargs):
+  with pytest.raises(ValueError, match="LMConfig"):
+    lm_common.LMConfig(**kwargs)
+
+
+def test_corpus_is_the_standard_library_split_deterministically():
+  a, b = lm_data.load(max_bytes=50_000), lm_data.load(max_bytes=50_000)
+  assert a.sha256 == b.sha256 and a.files >= 1
+  assert a.train.size + a.val.size == 50_000
+  assert a.train.dtype == np.uint8
+  assert b"import" in a.train.tobytes()
+  batch = next(lm_data.train_batches(a.train, 4, 32, seed=3))
+  assert batch["x"].shape == batch["y"].shape == (4, 32)
+  assert batch["x"].dtype == np.int32
+  np.testing.assert_array_equal(batch["x"][:, 1:], batch["y"][:, :-1])
+  again = next(lm_data.train_batches(a.train, 4, 32, seed=3))
+  np.testing.assert_array_equal(batch["x"], again["x"])
+  evals = lm_data.eval_batches(a.val, 4, 32, 2)
+  assert len(evals) == 2 and evals[0]["x"].shape == (4, 32)
+
+
+TINY = ["--steps", "6", "--layers", "1", "--d-model", "16", "--heads", "2",
+        "--seq-len", "16", "--batch-size", "4", "--eval-batches", "2",
+        "--report-window", "3", "--timing-warmup", "2", "--max-bytes",
+        "40000", "--max-gap-pct", "100"]
+
+
+# A few configurations per API keep this fast; every one runs in the
+# experiments themselves.
+@pytest.mark.parametrize("script,configs", [
+    (lm_linen, ["float32", "mixed_float16"]), (lm_nnx, ["mixed_bfloat16"])],
+                         ids=["linen", "nnx"])
+def test_script_trains_and_writes_its_table(script, configs, tmp_path, capsys):
+  path = tmp_path / "lm.json"
+  result = script.main(["lm.py", *TINY, "--configs", *configs,
+                        "--json", str(path)])
+  with open(path) as f:
+    written = json.load(f)
+  assert written["environment"]["api"] == result["environment"]["api"]
+  assert [r["config"] for r in written["rows"]] == configs
+  for row in written["rows"]:
+    for key in ("final_train_loss", "val_loss", "tokens_per_s",
+                "skipped_steps", "xla_temp_bytes", "val_gap_pct"):
+      assert key in row, key
+    assert np.isfinite(row["val_loss"]) and row["tokens_per_s"] > 0
+    assert len(row["loss_curve"]) == 6
+  if "float32" in configs:
+    assert written["rows"][0]["val_gap_pct"] == 0.0
+  assert written["environment"]["python"]
+  assert f"| {configs[-1]} |" in capsys.readouterr().out
+
+
+def test_gap_check_names_the_runs_more_than_the_limit_from_float32():
+  rows = [{"config": "float32", "val_gap_pct": 0.0},
+          {"config": "mixed_bfloat16", "val_gap_pct": 2.5},
+          {"config": "mixed_float16", "val_gap_pct": -1.0}]
+  assert lm_common.gap_failures(rows, 2.0) == ["mixed_bfloat16"]
+  assert lm_common.gap_failures(rows, 0.5) == ["mixed_bfloat16",
+                                                "mixed_float16"]
+  assert lm_common.gap_failures([{"config": "x", "val_gap_pct": None}],
+                                0.0) == []

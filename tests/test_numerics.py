@@ -1,0 +1,198 @@
+"""Tests for mpjax/_src/numerics.py: float32 islands for functional ops."""
+
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mpjax import numerics
+
+F32, F16, BF16 = jnp.float32, jnp.float16, jnp.bfloat16
+
+
+def sample(shape, dtype, seed=0, scale=3.0):
+  x = np.random.default_rng(seed).normal(size=shape) * scale
+  return jnp.asarray(x, dtype)
+
+
+ELEMENTWISE = {
+    "softmax": (numerics.softmax, jax.nn.softmax),
+    "log_softmax": (numerics.log_softmax, jax.nn.log_softmax),
+    "logsumexp": (numerics.logsumexp,
+                  lambda x: jax.nn.logsumexp(x, axis=-1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["f16", "bf16", "f32"])
+def test_returns_float32_computed_from_the_upcast_input(name, dtype):
+  ours, reference = ELEMENTWISE[name]
+  x = sample((4, 7), dtype)
+  y = ours(x)
+  chex.assert_type(y, F32)
+  chex.assert_trees_all_close(y, reference(x.astype(F32)), atol=1e-6,
+                              rtol=1e-6)
+  chex.assert_type(ours(x, dtype=dtype), dtype)
+
+
+def test_bfloat16_softmax_over_many_classes_sums_to_one_in_float32():
+  x = sample((2, 4096), BF16, scale=0.1)
+  assert abs(float(numerics.softmax(x).sum(-1)[0]) - 1) < 1e-5
+  # What the island avoids: bfloat16 probabilities of 1/4096 carry ~0.4%
+  # rounding error each.
+  naive = jax.nn.softmax(x).astype(F32).sum(-1)[0]
+  assert abs(float(naive) - 1) > 1e-4
+
+
+def test_logsumexp_keepdims_and_axis_none():
+  x = sample((3, 5), F16)
+  chex.assert_shape(numerics.logsumexp(x, keepdims=True), (3, 1))
+  chex.assert_shape(numerics.logsumexp(x, axis=None), ())
+
+
+def test_softmax_where_masks_like_jax():
+  x = sample((2, 5), BF16)
+  where = jnp.array([[True, True, False, True, False]] * 2)
+  y = numerics.softmax(x, where=where)
+  chex.assert_trees_all_close(y, jax.nn.softmax(x.astype(F32), where=where))
+  assert float(y[0, 2]) == 0.0
+
+
+def test_gradients_flow_back_in_the_input_dtype():
+  x = sample((3, 6), F16)
+  g = jax.grad(lambda x: numerics.log_softmax(x)[:, 0].sum())(x)
+  chex.assert_type(g, F16)
+  chex.assert_tree_all_finite(g)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+def test_cross_entropy_with_integer_labels_is_optax_on_float32_logits(dtype):
+  logits, labels = sample((5, 11), dtype), jnp.arange(5) % 11
+  loss = numerics.softmax_cross_entropy_with_integer_labels(logits, labels)
+  chex.assert_type(loss, F32)
+  chex.assert_shape(loss, (5,))
+  chex.assert_trees_all_close(
+      loss, optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(F32), labels), rtol=1e-6)
+  with pytest.raises(TypeError, match="labels must be integers"):
+    numerics.softmax_cross_entropy_with_integer_labels(logits, labels * 1.0)
+
+
+def test_cross_entropy_with_probabilities():
+  logits = sample((4, 3), BF16)
+  labels = jax.nn.one_hot(jnp.arange(4) % 3, 3, dtype=BF16)
+  loss = numerics.softmax_cross_entropy(logits, labels, dtype=BF16)
+  chex.assert_type(loss, BF16)
+  chex.assert_trees_all_close(
+      numerics.softmax_cross_entropy(logits, labels),
+      optax.softmax_cross_entropy(logits.astype(F32), labels.astype(F32)))
+
+
+def test_layer_norm_matches_a_float64_reference_like_torch():
+  x = sample((4, 16), F16, scale=100.0)
+  scale, bias = sample((16,), BF16, seed=1), sample((16,), F32, seed=2)
+  y = numerics.layer_norm(x, scale, bias)
+  chex.assert_type(y, F32)
+  x64 = np.asarray(x, np.float64)
+  mean = x64.mean(-1, keepdims=True)
+  var = ((x64 - mean) ** 2).mean(-1, keepdims=True)  # biased, like torch
+  expected = ((x64 - mean) / np.sqrt(var + 1e-5) * np.asarray(scale, np.float64)
+              + np.asarray(bias, np.float64))
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
+  chex.assert_type(numerics.layer_norm(x, dtype=F16), F16)
+
+
+def test_rms_norm_matches_a_float64_reference():
+  x = sample((4, 16), BF16)
+  y = numerics.rms_norm(x, jnp.full((16,), 2.0, BF16))
+  x64 = np.asarray(x, np.float64)
+  expected = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * 2
+  chex.assert_type(y, F32)
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5)
+
+
+def test_integer_inputs_are_rejected():
+  with pytest.raises(TypeError, match="floating array"):
+    numerics.softmax(jnp.arange(3))
+
+
+def qkv(dtype, scale=1.0, heads=2, kv_heads=2, seed=0):
+  shape = (2, 5, heads, 4)
+  kv_shape = (2, 5, kv_heads, 4)
+  return (sample(shape, dtype, seed, scale), sample(kv_shape, dtype, seed + 1,
+                                                    scale),
+          sample(kv_shape, dtype, seed + 2))
+
+
+def test_attention_in_float32_equals_flax():
+  q, k, v = qkv(F32)
+  mask = nn.make_causal_mask(jnp.ones((2, 5)))
+  bias = sample((2, 2, 5, 5), F32, seed=7, scale=0.5)
+  ours = numerics.dot_product_attention(q, k, v, bias=bias, mask=mask)
+  theirs = nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+  chex.assert_trees_all_close(ours, theirs, atol=1e-5, rtol=1e-5)
+  causal = numerics.dot_product_attention(q, k, v, is_causal=True)
+  chex.assert_trees_all_close(causal, nn.dot_product_attention(q, k, v,
+                                                               mask=mask),
+                              atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_query_attention_repeats_the_key_value_heads():
+  q, k, v = qkv(F32, heads=4, kv_heads=2)
+  ours = numerics.dot_product_attention(q, k, v)
+  repeated = nn.dot_product_attention(q, jnp.repeat(k, 2, axis=-2),
+                                      jnp.repeat(v, 2, axis=-2))
+  chex.assert_trees_all_close(ours, repeated, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="not a multiple"):
+    numerics.dot_product_attention(*qkv(F32, heads=3, kv_heads=2))
+
+
+def test_float16_attention_whose_logits_overflow_stays_finite():
+  q, k, v = qkv(F16, scale=300.0)  # q.k/2 reaches ~1e5 > 65504
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(F32), k.astype(F32)) / 2
+  assert float(jnp.abs(logits).max()) > 65504
+  flax_out = nn.dot_product_attention(q, k, v)
+  assert not bool(jnp.all(jnp.isfinite(flax_out)))
+  out = numerics.dot_product_attention(q, k, v)
+  chex.assert_type(out, F16)
+  chex.assert_tree_all_finite(out)
+  expected = nn.dot_product_attention(*(a.astype(F32) for a in (q, k, v)))
+  chex.assert_trees_all_close(out.astype(F32), expected, atol=2e-2, rtol=2e-2)
+
+  def loss(q, k, v):
+    return numerics.dot_product_attention(q, k, v).astype(F32).sum()
+
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  chex.assert_type(grads, [F16, F16, F16])
+  chex.assert_tree_all_finite(grads)
+
+
+def test_attention_matmuls_take_compute_dtype_operands_both_ways():
+  q, k, v = qkv(BF16)
+  text = jax.jit(jax.grad(lambda q, k, v: numerics.dot_product_attention(
+      q, k, v).astype(F32).sum(), argnums=(0, 1, 2))).lower(q, k, v).as_text()
+  dots = re.findall(r"stablehlo\.dot_general.*?: \(([^)]*)\)\s*->\s*"
+                    r"tensor<[^>]*x(\w+)>", text)
+  assert len(dots) >= 5  # logits, (p @ v, dead here), dp, dv, dq, dk
+  for operands, _ in dots:
+    assert re.findall(r"x(bf16|f32)>", operands) == ["bf16", "bf16"]
+  # The logits matmul returns float32.
+  assert sum(result == "f32" for _, result in dots) == 1
+
+
+def test_attention_dropout():
+  q, k, v = qkv(F32)
+  kept = numerics.dot_product_attention(q, k, v, dropout_rate=0.5,
+                                        deterministic=True)
+  chex.assert_trees_all_close(kept, numerics.dot_product_attention(q, k, v))
+  dropped = numerics.dot_product_attention(
+      q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(1))
+  assert not np.allclose(dropped, kept)
+  chex.assert_tree_all_finite(dropped)
+  with pytest.raises(ValueError, match="dropout_rng"):
+    numerics.dot_product_attention(q, k, v, dropout_rate=0.5)
