@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import flax
 import jax
@@ -23,6 +23,7 @@ import optax
 
 import lm_data
 import mpjax
+import training
 from mpjax import numerics
 from mpjax._src.module_policy import PolicyMap
 
@@ -110,35 +111,33 @@ def make_optimizer(args: argparse.Namespace,
 
 
 def run_config(run: RunConfig, build: Build, config: LMConfig,
-               corpus: lm_data.Corpus, args: argparse.Namespace) -> dict:
+               corpus: lm_data.Corpus, args: argparse.Namespace,
+               log: Optional[mpjax.MetricsWriter] = None) -> dict:
   """Trains one configuration; returns its row."""
   apply_fn, params = build(config, run.policy, args.seed)
   state = mpjax.TrainState.create(apply_fn=apply_fn, params=params,
                                   tx=make_optimizer(args, run.scaling),
                                   policy=run.policy)
-  step = mpjax.make_train_step(loss_fn)
-  batches = lm_data.train_batches(corpus.train, args.batch_size,
-                                  config.seq_len, seed=args.seed)
-  first = next(batches)
+  step = mpjax.make_train_step(loss_fn, attribution=args.attribution,
+                               grad_stats_every=args.stats_every)
+  batch_at = training.sequential(lm_data.train_batches(
+      corpus.train, args.batch_size, config.seq_len, seed=args.seed))
   start = time.perf_counter()
-  compiled = step.lower(state, first).compile()
+  compiled = step.lower(state, batch_at(0)).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
 
-  losses = []
-  timed_start = None
-  batch = first
-  for i in range(args.steps):
-    if i == args.timing_warmup:
-      jax.block_until_ready(state)
-      timed_start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    losses.append(metrics["loss"])
-    batch = next(batches)
-  jax.block_until_ready(state)
-  elapsed = time.perf_counter() - (timed_start or start)
-  timed_steps = args.steps - (args.timing_warmup if timed_start else 0)
-  losses = np.asarray(jax.device_get(losses), np.float64)
+  checkpoints, state = training.open_checkpoints(args, run.name, state)
+  apply = mpjax.with_policy(apply_fn, run.policy)
+  loop = training.run(
+      compiled, state, batch_at, name=run.name, last=args.steps, args=args,
+      log=log, checkpoints=checkpoints,
+      loss_scaled=not isinstance(run.scaling, mpjax.NoScaling),
+      warmup=args.timing_warmup,
+      debug=lambda params, batch: mpjax.debug_forward(
+          apply, {"params": params}, batch["x"]))
+  state = loop.state
+  losses = np.asarray(jax.device_get(loop.losses), np.float64)
   if not np.all(np.isfinite(losses[-args.report_window:])):
     raise FloatingPointError(f"{run.name}: non-finite loss at the end of "
                              "training.")
@@ -155,8 +154,10 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
       "scaling": repr(run.scaling),
       "final_train_loss": float(losses[-args.report_window:].mean()),
       "val_loss": float(np.mean(val)),
-      "tokens_per_s": timed_steps * args.batch_size * config.seq_len / elapsed,
-      "timed_steps": timed_steps,
+      "tokens_per_s": (loop.timed_steps * args.batch_size * config.seq_len
+                       / loop.elapsed_s) if loop.timed_steps else None,
+      "timed_steps": loop.timed_steps,
+      "resumed_at_step": args.steps - len(loop.losses),
       "steps": args.steps,
       "skipped_steps": int(scale_state.skipped_steps),
       "final_loss_scale": float(scale_state.scale),
@@ -242,6 +243,7 @@ def parse_args(argv: List[str], api: str) -> argparse.Namespace:
                       help="exit with an error if a mixed run's val loss is "
                            "more than this far from float32's")
   parser.add_argument("--json", default=os.path.join("runs", f"lm_{api}.json"))
+  training.add_arguments(parser, f"lm_{api}")
   args = parser.parse_args(argv)
   for name in ("layers", "d_model", "heads", "seq_len", "batch_size", "steps",
                "eval_batches", "report_window"):
@@ -249,6 +251,7 @@ def parse_args(argv: List[str], api: str) -> argparse.Namespace:
       parser.error(f"--{name.replace('_', '-')} must be >= 1")
   if args.timing_warmup >= args.steps:
     args.timing_warmup = 0
+  training.check_arguments(parser, args)
   return args
 
 
@@ -280,8 +283,12 @@ def main(argv: List[str], api: str, build: Build) -> Dict[str, Any]:
   env.update(api=api, model_config=dataclasses.asdict(config),
              **corpus.describe(),
              **{k: v for k, v in vars(args).items() if k not in ("json",)})
-  rows = [run_config(r, build, config, corpus, args)
-          for r in CONFIGS if r.name in args.configs]
+  runs = [r for r in CONFIGS if r.name in args.configs]
+  if args.metrics:
+    with mpjax.MetricsWriter(args.metrics) as log:
+      rows = [run_config(r, build, config, corpus, args, log) for r in runs]
+  else:
+    rows = [run_config(r, build, config, corpus, args) for r in runs]
   reference = next((r for r in rows if r["config"] == "float32"), None)
   for row in rows:
     row["val_gap_pct"] = (None if reference is None else
@@ -302,6 +309,9 @@ def main(argv: List[str], api: str, build: Build) -> Dict[str, Any]:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
+  if args.metrics:
+    print(f"wrote {args.metrics}")
+  training.plot(args, title=f"{api} transformer LM")
   if failed:
     raise SystemExit(f"{', '.join(failed)}: validation loss more than "
                      f"{args.max_gap_pct}% away from float32's.")

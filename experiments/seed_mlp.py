@@ -47,6 +47,7 @@ import mpjax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import training  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,54 +118,21 @@ def run_config(config: Config, split: datasets.Split,
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
 
-  checkpoints = None
-  if args.checkpoint_dir:
-    checkpoints = mpjax.CheckpointManager(
-        os.path.join(args.checkpoint_dir, config.name), max_to_keep=2,
-        save_interval_steps=args.checkpoint_every)
-    if checkpoints.latest_step() is not None:
-      if not args.resume:
-        raise SystemExit(
-            f"{checkpoints.directory} already holds step "
-            f"{checkpoints.latest_step()}: pass --resume to continue it, or "
-            "choose another --checkpoint-dir.")
-      state = checkpoints.restore(state)  # the fresh state is the template
+  checkpoints, state = training.open_checkpoints(args, config.name, state)
   first = int(state.step)  # batches already consumed (skipped steps count)
-
-  guard = mpjax.SkipGuard(
-      args.max_consecutive_skips, like=state.params,
-      loss_scaled=not isinstance(config.scaling, mpjax.NoScaling))
-  step_times, losses_by_epoch = [], [[] for _ in epochs]
-  with mpjax.ProgressBar(len(batches) - first, desc=config.name,
-                         quiet=args.quiet) as bar:
-    for i, (epoch, batch) in enumerate(batches):
-      if i < first:
-        continue
-      batch = jax.device_put(batch)
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      step_times.append(time.perf_counter() - start)
-      metrics = jax.device_get(metrics)
-      record = mpjax.record_from_metrics(
-          i, metrics, step_time_s=step_times[-1], like=state.params,
-          run=config.name, epoch=epoch)
-      if log is not None:
-        log.write_record(record)
-      try:
-        guard.update(record)
-      except mpjax.NonFiniteTrainingError:
-        print(mpjax.debug_forward(
-            mpjax.with_policy(model.apply, config.policy),
-            {"params": state.params}, batch["x"]), file=sys.stderr)
-        raise
-      losses_by_epoch[epoch].append(record["loss"])
-      bar.update(1, loss=record["loss"], loss_scale=record["loss_scale"])
-      if checkpoints is not None:
-        checkpoints.save(state, step=i + 1)  # the loop counter: no sync
-  if checkpoints is not None:
-    checkpoints.save(state, step=len(batches), force=True)
-    checkpoints.close()
+  apply = mpjax.with_policy(model.apply, config.policy)
+  loop = training.run(
+      compiled, state, lambda i: batches[i][1], name=config.name,
+      last=len(batches), args=args, log=log, checkpoints=checkpoints,
+      loss_scaled=not isinstance(config.scaling, mpjax.NoScaling),
+      time_each_step=True,
+      debug=lambda params, batch: mpjax.debug_forward(
+          apply, {"params": params}, batch["x"]),
+      extra=lambda i: {"epoch": batches[i][0]})
+  state, step_times = loop.state, loop.step_times
+  losses_by_epoch = [[] for _ in epochs]
+  for i, loss in zip(range(first, len(batches)), jax.device_get(loop.losses)):
+    losses_by_epoch[batches[i][0]].append(float(loss))
   losses = [float(np.mean(epoch_losses)) if epoch_losses else None
             for epoch_losses in losses_by_epoch]
 
@@ -263,35 +231,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                       choices=[c.name for c in CONFIGS])
   parser.add_argument("--json", default=os.path.join("runs", "seed_mlp.json"),
                       help="where to write the table as JSON")
-  parser.add_argument("--metrics",
-                      default=os.path.join("runs", "seed_mlp_metrics.jsonl"),
-                      help="one JSON object per step for every configuration "
-                           "(metrics.jsonl); '' turns it off")
-  parser.add_argument("--stats-every", type=int, default=10,
-                      help="gradient underflow statistics every N steps "
-                           "(0: never)")
-  parser.add_argument("--plot", nargs="?", const=os.path.join(
-      "runs", "seed_mlp.png"), default=None,
-                      help="draw the configurations' loss, scale and "
-                           "underflow on one figure (PNG path)")
-  parser.add_argument("--max-consecutive-skips", type=int, default=100,
-                      help="stop a configuration after this many skipped "
-                           "steps in a row, naming the non-finite leaves")
-  parser.add_argument("--no-attribution", dest="attribution",
-                      action="store_false",
-                      help="do not record which gradient leaves were "
-                           "non-finite")
-  parser.add_argument("--quiet", action="store_true",
-                      help="no progress bar")
-  parser.add_argument("--checkpoint-dir", default=None,
-                      help="save each configuration's train state under "
-                           "DIR/<config> (atomic, step-numbered, newest 2 kept)")
-  parser.add_argument("--checkpoint-every", type=int, default=50,
-                      help="steps between checkpoints; the last step is "
-                           "always saved")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue each configuration from its latest "
-                           "checkpoint in --checkpoint-dir")
+  training.add_arguments(parser, "seed_mlp")
   args = parser.parse_args(argv)
   for name in ("epochs", "batch_size"):
     if getattr(args, name) < 1:
@@ -299,17 +239,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    f"{getattr(args, name)}")
   if args.warmup < 0:
     parser.error(f"--warmup must be >= 0, got {args.warmup}")
-  if args.stats_every < 0:
-    parser.error(f"--stats-every must be >= 0, got {args.stats_every}")
-  if args.max_consecutive_skips < 1:
-    parser.error("--max-consecutive-skips must be >= 1, got "
-                 f"{args.max_consecutive_skips}")
-  if args.plot and not args.metrics:
-    parser.error("--plot draws from the metrics file: give --metrics FILE")
-  if args.resume and not args.checkpoint_dir:
-    parser.error("--resume needs --checkpoint-dir")
-  if args.checkpoint_every < 1:
-    parser.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+  training.check_arguments(parser, args)
   return args
 
 
@@ -351,11 +281,7 @@ def main(argv: List[str]) -> dict:
     print(f"wrote {args.json}")
   if args.metrics:
     print(f"wrote {args.metrics}")
-  if args.plot:
-    from mpjax import plot  # pylint: disable=g-import-not-at-top
-    plot.plot_runs(plot.load_runs([args.metrics]), args.plot,
-                   title=f"seed MLP on {split.name}")
-    print(f"wrote {args.plot}")
+  training.plot(args, title=f"seed MLP on {split.name}")
   return result
 
 

@@ -14,6 +14,7 @@ import lm_linen
 import lm_models_linen
 import lm_models_nnx
 import lm_nnx
+import mpjax
 
 
 def linen_param_count(config):
@@ -78,8 +79,10 @@ TINY = ["--steps", "6", "--layers", "1", "--d-model", "16", "--heads", "2",
                          ids=["linen", "nnx"])
 def test_script_trains_and_writes_its_table(script, configs, tmp_path, capsys):
   path = tmp_path / "lm.json"
+  metrics = tmp_path / "metrics.jsonl"
   result = script.main(["lm.py", *TINY, "--configs", *configs,
-                        "--json", str(path)])
+                        "--json", str(path), "--metrics", str(metrics),
+                        "--quiet"])
   with open(path) as f:
     written = json.load(f)
   assert written["environment"]["api"] == result["environment"]["api"]
@@ -94,6 +97,28 @@ def test_script_trains_and_writes_its_table(script, configs, tmp_path, capsys):
     assert written["rows"][0]["val_gap_pct"] == 0.0
   assert written["environment"]["python"]
   assert f"| {configs[-1]} |" in capsys.readouterr().out
+  records = mpjax.read_metrics(str(metrics))
+  assert [r["run"] for r in records] == [c for c in configs for _ in range(6)]
+  assert [r["step"] for r in records] == list(range(6)) * len(configs)
+
+
+@pytest.mark.parametrize("config", ["float32", "mixed_float16"])
+def test_interrupted_lm_run_resumes_bit_identically(config, tmp_path):
+  common = [*TINY, "--configs", config, "--metrics", "", "--quiet",
+            "--checkpoint-every", "2"]
+  full = lm_linen.main(["lm.py", *common, "--json", str(tmp_path / "a.json"),
+                        "--checkpoint-dir", str(tmp_path / "full")])["rows"][0]
+  lm_linen.main(["lm.py", *common, "--stop-after", "3",  # "preempted"
+                 "--json", str(tmp_path / "b.json"),
+                 "--checkpoint-dir", str(tmp_path / "resumed")])
+  resumed = lm_linen.main(
+      ["lm.py", *common, "--json", str(tmp_path / "c.json"), "--resume",
+       "--checkpoint-dir", str(tmp_path / "resumed")])["rows"][0]
+  assert resumed["resumed_at_step"] == 3
+  # Steps 3..5 and the final model are the same to the last bit.
+  assert resumed["loss_curve"] == full["loss_curve"][3:]
+  assert resumed["val_loss"] == full["val_loss"]
+  assert resumed["final_loss_scale"] == full["final_loss_scale"]
 
 
 def test_gap_check_names_the_runs_more_than_the_limit_from_float32():

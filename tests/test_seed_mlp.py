@@ -157,8 +157,8 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
   seed_mlp.main(["seed_mlp.py", *common, "--epochs", "4", "--json",
                  str(tmp_path / "full.json"),
                  "--checkpoint-dir", str(tmp_path / "full")])
-  seed_mlp.main(["seed_mlp.py", *common, "--epochs", "2", "--json",
-                 str(tmp_path / "part.json"),
+  seed_mlp.main(["seed_mlp.py", *common, "--epochs", "4", "--stop-after",
+                 "20", "--json", str(tmp_path / "part.json"),
                  "--checkpoint-dir", str(tmp_path / "resumed")])
   with pytest.raises(SystemExit, match="--resume"):  # never clobbers a run
     seed_mlp.main(["seed_mlp.py", *common, "--epochs", "4",

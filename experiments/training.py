@@ -1,0 +1,207 @@
+"""The experiments' training loop: steps, metrics.jsonl, guard, progress, checkpoints.
+
+Shared by `seed_mlp.py` and the language-model examples so that every
+experiment logs, stops and resumes the same way. Everything it calls is
+mpjax's (`MetricsWriter`, `SkipGuard`, `ProgressBar`, `CheckpointManager`,
+`debug_forward`); this file only wires them into a loop.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import jax
+
+import mpjax
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+  """The flags every experiment has: metrics, guard, progress, checkpoints."""
+  parser.add_argument("--metrics", default=os.path.join(
+      "runs", f"{name}_metrics.jsonl"),
+                      help="one JSON object per logged step for every "
+                           "configuration (metrics.jsonl); '' turns it off")
+  parser.add_argument("--log-every", type=int, default=1,
+                      help="log (and fetch) the metrics every N steps")
+  parser.add_argument("--stats-every", type=int, default=10,
+                      help="gradient underflow statistics every N steps "
+                           "(0: never)")
+  parser.add_argument("--plot", nargs="?", const=os.path.join(
+      "runs", f"{name}.png"), default=None,
+                      help="draw the configurations' loss, scale and "
+                           "underflow on one figure (PNG path)")
+  parser.add_argument("--max-consecutive-skips", type=int, default=100,
+                      help="stop a configuration after this many skipped "
+                           "steps in a row, naming the non-finite leaves")
+  parser.add_argument("--no-attribution", dest="attribution",
+                      action="store_false",
+                      help="do not record which gradient leaves were "
+                           "non-finite")
+  parser.add_argument("--quiet", action="store_true", help="no progress bar")
+  parser.add_argument("--checkpoint-dir", default=None,
+                      help="save each configuration's train state under "
+                           "DIR/<config> (atomic, step-numbered, newest 2 kept)")
+  parser.add_argument("--checkpoint-every", type=int, default=50,
+                      help="steps between checkpoints; the last step is "
+                           "always saved")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue each configuration from its latest "
+                           "checkpoint in --checkpoint-dir")
+  parser.add_argument("--stop-after", type=int, default=None,
+                      help="stop each configuration after this many steps in "
+                           "this invocation, checkpointed (a job with a time "
+                           "limit; continue it with --resume)")
+
+
+def check_arguments(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> None:
+  """parser.error for flag values `add_arguments`'s flags cannot take."""
+  for flag, least in (("log_every", 1), ("stats_every", 0),
+                      ("max_consecutive_skips", 1), ("checkpoint_every", 1)):
+    if getattr(args, flag) < least:
+      parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got "
+                   f"{getattr(args, flag)}")
+  if args.plot and not args.metrics:
+    parser.error("--plot draws from the metrics file: give --metrics FILE")
+  if args.resume and not args.checkpoint_dir:
+    parser.error("--resume needs --checkpoint-dir")
+  if args.stop_after is not None and args.stop_after < 1:
+    parser.error(f"--stop-after must be >= 1, got {args.stop_after}")
+
+
+def open_checkpoints(args: argparse.Namespace, name: str,
+                     state: mpjax.TrainState):
+  """(manager or None, state): restores `state` when --resume finds a step.
+
+  Raises:
+    SystemExit: the directory holds a run and --resume was not given (never
+      overwrite or interleave with a run silently).
+  """
+  if not args.checkpoint_dir:
+    return None, state
+  manager = mpjax.CheckpointManager(
+      os.path.join(args.checkpoint_dir, name), max_to_keep=2,
+      save_interval_steps=args.checkpoint_every)
+  if manager.latest_step() is not None:
+    if not args.resume:
+      manager.close()
+      raise SystemExit(
+          f"{manager.directory} already holds step {manager.latest_step()}: "
+          "pass --resume to continue it, or choose another --checkpoint-dir.")
+    state = manager.restore(state)  # the fresh state is the template
+  return manager, state
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: mpjax.TrainState
+  losses: List[Any]  # per step run, device scalars (fetch once at the end)
+  records: List[Dict[str, Any]]  # the logged steps
+  step_times: List[float]  # per step with time_each_step, else []
+  elapsed_s: float  # wall time of the timed steps (ends synchronised)
+  timed_steps: int  # steps after `warmup`
+
+
+def sequential(batches: Iterator[Any]) -> Callable[[int], Any]:
+  """``batch_at(i)`` over an iterator, for increasing i (skips to i)."""
+  position, current = 0, None
+
+  def batch_at(i: int) -> Any:
+    nonlocal position, current
+    while position <= i:
+      current, position = next(batches), position + 1
+    return current
+
+  return batch_at
+
+
+def run(step: Callable, state: mpjax.TrainState, batch_at: Callable[[int], Any],
+        *, name: str, last: int, args: argparse.Namespace,
+        log: Optional[mpjax.MetricsWriter] = None,
+        checkpoints: Optional[mpjax.CheckpointManager] = None,
+        loss_scaled: bool = True, time_each_step: bool = False,
+        debug: Optional[Callable[[Any, Any], Any]] = None,
+        extra: Optional[Callable[[int], Dict[str, Any]]] = None,
+        warmup: int = 0) -> LoopResult:
+  """Runs steps ``int(state.step) .. last - 1`` (fewer with --stop-after).
+
+  Args:
+    step: the (compiled) train step.
+    state: the state to start from (fresh or restored).
+    batch_at: step index -> batch (host arrays), so a resumed run sees the
+      batches it would have seen.
+    name: the configuration's name (``run`` in the metrics records).
+    last: the step count to reach.
+    args: the parsed flags of `add_arguments`.
+    log: where to write the records.
+    checkpoints: a manager from `open_checkpoints`, closed at the end.
+    loss_scaled: whether a loss scale can back off (see `mpjax.SkipGuard`).
+    time_each_step: block on every step and time it (the median step time);
+      otherwise only the whole loop is timed.
+    warmup: steps left out of `elapsed_s` (the clock starts after them, once
+      the device has caught up).
+    debug: ``debug(params, batch)`` is printed when the guard stops the run
+      (e.g. `mpjax.debug_forward` on the model).
+    extra: more keys for step i's record.
+  """
+  first = int(state.step)
+  if args.stop_after is not None:
+    last = min(last, first + args.stop_after)
+  guard = mpjax.SkipGuard(args.max_consecutive_skips, like=state.params,
+                          loss_scaled=loss_scaled)
+  result = LoopResult(state, [], [], [], 0.0, 0)
+  shown = 0  # steps the progress bar has counted
+  warmup = warmup if warmup < last - first else 0
+  start = time.perf_counter()
+  with mpjax.ProgressBar(max(last - first, 0), desc=name,
+                         quiet=args.quiet) as bar:
+    for i in range(first, last):
+      if warmup and i == first + warmup:
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+      batch = jax.device_put(batch_at(i))
+      tick = time.perf_counter()
+      state, metrics = step(state, batch)
+      if time_each_step:
+        jax.block_until_ready((state, metrics))
+        result.step_times.append(time.perf_counter() - tick)
+      result.losses.append(metrics["loss"])
+      if (i - first) % args.log_every == 0 or i == last - 1:
+        record = mpjax.record_from_metrics(
+            i, jax.device_get(metrics), like=state.params, run=name,
+            step_time_s=result.step_times[-1] if time_each_step else None,
+            **(extra(i) if extra else {}))
+        if log is not None:
+          log.write_record(record)
+        result.records.append(record)
+        try:
+          guard.update(record)
+        except mpjax.NonFiniteTrainingError:
+          if debug is not None:
+            print(debug(state.params, batch), file=sys.stderr)
+          raise
+        bar.update(i + 1 - first - shown, loss=record["loss"],
+                   loss_scale=record["loss_scale"])
+        shown = i + 1 - first
+      if checkpoints is not None:
+        checkpoints.save(state, step=i + 1)  # the loop counter: no sync
+  jax.block_until_ready(state)
+  result.elapsed_s = time.perf_counter() - start
+  result.timed_steps = last - first - warmup
+  if checkpoints is not None:
+    checkpoints.save(state, step=last, force=True)
+    checkpoints.close()
+  result.state = state
+  return result
+
+
+def plot(args: argparse.Namespace, title: str) -> None:
+  """Draws --metrics into --plot, if asked."""
+  if args.plot:
+    from mpjax import plot as plot_lib  # pylint: disable=g-import-not-at-top
+    plot_lib.plot_runs(plot_lib.load_runs([args.metrics]), args.plot,
+                       title=title)
+    print(f"wrote {args.plot}")
