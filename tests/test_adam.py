@@ -1,6 +1,5 @@
 """Tests for mpjax/_src/adam.py: optax's Adam with accurate bias corrections."""
 
-import math
 
 import chex
 import jax
