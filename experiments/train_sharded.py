@@ -146,10 +146,16 @@ def main(argv: List[str]) -> dict:
               (state.params, state.opt_state.inner_state))),
   }
   if args.compile_only:
+    result = {"parallelism": args.parallelism, "mesh": dict(plan.mesh.shape),
+              "devices": jax.device_count(), "hidden": args.hidden,
+              "batch_size": args.batch_size,
+              "policy": mpjax.policy_name(args.policy), **memory_figures}
     if jax.process_index() == 0:
-      print(json.dumps({"mesh": dict(plan.mesh.shape),
-                        "parallelism": args.parallelism, **memory_figures}))
-    return memory_figures
+      print(json.dumps(result))
+      if args.json:
+        with open(args.json, "w") as f:
+          json.dump(result, f, indent=2)
+    return result
 
   predict = jax.jit(lambda p, x: mpjax.with_policy(model.apply, args.policy)(
       {"params": p}, x).argmax(-1), out_shardings=plan.replicated)
