@@ -8,21 +8,18 @@ trains it with `mpjax.TrainState`, `mpjax.make_train_step` and
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import flax
 import jax
 import numpy as np
 import optax
 
 import lm_data
 import mpjax
+import report
 import training
 from mpjax import numerics
 from mpjax._src.module_policy import PolicyMap
@@ -187,33 +184,6 @@ COLUMNS = (
 )
 
 
-def markdown_table(rows: List[dict]) -> str:
-  fmt = lambda spec, value: "n/a" if value is None else spec.format(value)
-  lines = ["| " + " | ".join(t for t, _, _ in COLUMNS) + " |",
-           "|" + "---|" * len(COLUMNS)]
-  for row in rows:
-    lines.append("| " + " | ".join(fmt(s, row.get(k)) for _, k, s in COLUMNS)
-                 + " |")
-  return "\n".join(lines)
-
-
-def environment(argv: List[str]) -> dict:
-  device = jax.devices()[0]
-  return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "command": "python " + " ".join(argv),
-      "device": f"{device.platform}:{device.device_kind}",
-      "machine": platform.machine(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": importlib.metadata.version("jaxlib"),
-      "flax": flax.__version__,
-      "optax": optax.__version__,
-      "mpjax": mpjax.__version__,
-  }
-
-
 def parse_args(argv: List[str], api: str) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description=f"Train the {api} transformer LM in float32, mixed_bfloat16 "
@@ -279,7 +249,7 @@ def main(argv: List[str], api: str, build: Build) -> Dict[str, Any]:
   args = parse_args(argv[1:], api)
   config = model_config(args)
   corpus = lm_data.load(args.max_bytes)
-  env = environment(argv)
+  env = report.environment(argv)
   env.update(api=api, model_config=dataclasses.asdict(config),
              **corpus.describe(),
              **{k: v for k, v in vars(args).items() if k not in ("json",)})
@@ -300,7 +270,7 @@ def main(argv: List[str], api: str, build: Build) -> Dict[str, Any]:
         f"{args.batch_size}")
   print(f"{env['device']}  python {env['python']}  jax {env['jax']}  flax "
         f"{env['flax']}  optax {env['optax']}  {env['date']}")
-  print(markdown_table(rows))
+  print(report.markdown_table(rows, COLUMNS))
   failed = gap_failures(rows, args.max_gap_pct)
   result = {"environment": env, "rows": rows,
             "within_gap": not failed, "max_gap_pct": args.max_gap_pct}

@@ -26,16 +26,12 @@ The table is also written as JSON (--json, default runs/seed_mlp.json).
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-import flax
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -47,6 +43,7 @@ import mpjax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import training  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -187,35 +184,6 @@ COLUMNS = (
 )
 
 
-def markdown_table(rows: List[dict]) -> str:
-  """The rows as a Markdown table with the columns above."""
-  fmt = lambda spec, value: "n/a" if value is None else spec.format(value)
-  lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-           "|" + "---|" * len(COLUMNS)]
-  for row in rows:
-    cells = [fmt(spec, row[key]) for _, key, spec in COLUMNS]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def environment(argv: List[str]) -> dict:
-  """Where and how the table was made."""
-  device = jax.devices()[0]
-  return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "command": "python " + " ".join(argv),
-      "device": f"{device.platform}:{device.device_kind}",
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": importlib.metadata.version("jaxlib"),
-      "flax": flax.__version__,
-      "optax": optax.__version__,
-      "mpjax": mpjax.__version__,
-      "machine": platform.machine(),
-  }
-
-
 def parse_args(argv: List[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data-dir", default=None,
@@ -247,7 +215,7 @@ def main(argv: List[str]) -> dict:
   args = parse_args(argv[1:])
   split = (datasets.load_mnist(args.data_dir) if args.data_dir
            else datasets.load_digits(seed=args.seed))
-  env = environment(argv)
+  env = report.environment(argv)
   env.update(dataset=split.name, train_examples=len(split.x_train),
              test_examples=len(split.x_test), features=split.x_train.shape[1],
              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -265,7 +233,7 @@ def main(argv: List[str]) -> dict:
         f"{args.epochs} epochs, batch {args.batch_size}")
   print(f"{env['device']}  jax {env['jax']}  flax {env['flax']}  optax "
         f"{env['optax']}  {env['date']}")
-  print(markdown_table(rows))
+  print(report.markdown_table(rows, COLUMNS))
   reference = next((r for r in rows if r["config"] == "float32"), None)
   if reference is not None:
     gaps = {r["config"]: 100 * (reference["test_accuracy"] - r["test_accuracy"])
