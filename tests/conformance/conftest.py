@@ -162,3 +162,14 @@ def toy():
       make_problem=_make_problem, make_pattern=_make_pattern,
       poison_of=poison_of, poison_grads=poison_grads, loss=toy_loss,
       run_mpjax=_run_mpjax)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+  """torch on one thread for the module: these models are tiny, and more
+  threads only add synchronisation cost (and contend with XLA's)."""
+  torch = pytest.importorskip("torch")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)

@@ -47,12 +47,7 @@ BATCH = 128
 LR = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ STEPS = 2400
 LR = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-  # A 4x2 model: threads only add synchronisation cost.
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_torch(problem, codes, poison_of, **scaler_kwargs):
