@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import mpjax
 from mpjax import numerics
 
 F32, F16, BF16 = jnp.float32, jnp.float16, jnp.bfloat16
@@ -196,3 +197,65 @@ def test_attention_dropout():
   chex.assert_tree_all_finite(dropped)
   with pytest.raises(ValueError, match="dropout_rng"):
     numerics.dot_product_attention(q, k, v, dropout_rate=0.5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_cross_entropy_gradient_is_the_float32_graphs_and_keeps_low_residuals(
+    dtype):
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 4, dtype)
+  labels = jnp.asarray(rng.integers(0, 11, (3, 5)))
+  ours = lambda x: numerics.softmax_cross_entropy_with_integer_labels(
+      x, labels).mean()
+  reference = lambda x: optax.softmax_cross_entropy_with_integer_labels(
+      x.astype(jnp.float32), labels).mean()
+  chex.assert_trees_all_close(ours(logits), reference(logits), rtol=1e-6)
+  grad, expected = jax.grad(ours)(logits), jax.grad(reference)(logits)
+  chex.assert_type(grad, dtype)
+  chex.assert_trees_all_close(grad.astype(jnp.float32),
+                              expected.astype(jnp.float32), atol=1e-7)
+  # The backward pass keeps the logits in their own dtype, not float32 copies.
+  # The backward pass keeps the logits in their own dtype and the float32
+  # logsumexp [3, 5], not float32 [3, 5, 11] copies.
+  kept = mpjax.residuals(ours, logits).bytes_by_dtype
+  lse_bytes = 3 * 5 * 4
+  if dtype == jnp.float32:
+    assert kept["float32"] == logits.nbytes + lse_bytes
+  else:
+    assert kept[jnp.dtype(dtype).name] == logits.nbytes
+    assert kept["float32"] == lse_bytes
+
+
+def test_cross_entropy_rejects_mismatched_labels():
+  with pytest.raises(ValueError, match="labels of shape"):
+    numerics.softmax_cross_entropy_with_integer_labels(
+        jnp.zeros((2, 4)), jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match="axis 2"):
+    numerics.softmax_cross_entropy_with_integer_labels(
+        jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32), axis=2)
+
+
+def test_attention_backward_keeps_only_compute_dtype_arrays():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.bfloat16)
+             for _ in range(3))
+  mask = jnp.tril(jnp.ones((16, 16), bool))
+  ours = lambda q, k, v: numerics.dot_product_attention(
+      q, k, v, mask=mask).astype(jnp.float32).sum()
+  reference = lambda q, k, v: nn.dot_product_attention(
+      *(a.astype(jnp.float32) for a in (q, k, v)), mask=mask).sum()
+  kept = mpjax.residuals(ours, q, k, v)
+  assert set(kept.bytes_by_dtype) == {"bfloat16"}
+  for got, want in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(reference, argnums=(0, 1, 2))(q, k, v)):
+    chex.assert_type(got, jnp.bfloat16)
+    chex.assert_trees_all_close(got.astype(jnp.float32), want, atol=0.05)
+
+
+def test_a_fully_masked_row_stays_finite():
+  q = k = v = jnp.ones((1, 4, 1, 2), jnp.float16)
+  mask = jnp.zeros((4, 4), bool).at[1:, :].set(True)  # row 0 sees nothing
+  out, grads = jax.value_and_grad(
+      lambda q: numerics.dot_product_attention(q, k, v, mask=mask).astype(
+          jnp.float32).sum())(q)
+  chex.assert_tree_all_finite((out, grads))

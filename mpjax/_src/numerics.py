@@ -140,8 +140,53 @@ def softmax_cross_entropy_with_integer_labels(
         "softmax_cross_entropy_with_integer_labels: labels must be integers, "
         f"got dtype {labels.dtype}; use softmax_cross_entropy for "
         "probabilities.")
-  return _finish(optax.softmax_cross_entropy_with_integer_labels(
-      _upcast(logits), labels, axis=axis), dtype)
+  shape = jnp.shape(logits)
+  if not -len(shape) <= axis < len(shape):
+    raise ValueError(
+        f"softmax_cross_entropy_with_integer_labels: axis {axis} is out of "
+        f"range for logits of shape {shape}.")
+  axis %= len(shape)
+  if labels.shape != shape[:axis] + shape[axis + 1:]:
+    raise ValueError(
+        "softmax_cross_entropy_with_integer_labels: labels of shape "
+        f"{labels.shape} do not match logits of shape {shape} without axis "
+        f"{axis}.")
+  return _finish(_sparse_xent(jnp.asarray(logits), labels, axis), dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sparse_xent(logits: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
+  """``logsumexp(x) - x[label]`` with x = float32(logits).
+
+  A custom VJP so that the backward pass keeps the logits in their own
+  (compute) dtype and the float32 logsumexp only, and recomputes the float32
+  softmax from them: the same numbers as differentiating the float32 graph,
+  without its float32 ``[..., num_classes]`` residuals (for a language model,
+  the largest activation there is).
+  """
+  return _sparse_xent_fwd(logits, labels, axis)[0]
+
+
+def _sparse_xent_fwd(logits, labels, axis):
+  x = _upcast(logits)
+  lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
+  picked = jnp.take_along_axis(x, jnp.expand_dims(labels, axis), axis=axis)
+  loss = jnp.squeeze(lse - picked, axis)
+  return loss, (logits, labels, lse)
+
+
+def _sparse_xent_bwd(axis, residuals, grad):
+  logits, labels, lse = residuals
+  x = _upcast(logits)
+  probs = jnp.exp(x - lse)
+  classes = jnp.arange(x.shape[axis]).reshape(
+      [-1 if d == axis else 1 for d in range(x.ndim)])
+  onehot = (jnp.expand_dims(labels, axis) == classes).astype(x.dtype)
+  dlogits = (probs - onehot) * jnp.expand_dims(grad.astype(x.dtype), axis)
+  return dlogits.astype(logits.dtype), None
+
+
+_sparse_xent.defvjp(_sparse_xent_fwd, _sparse_xent_bwd)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
@@ -241,8 +286,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Dtypes: `query`, `key`, `value` share the compute dtype ``c`` (or are
   promoted to `dtype` when given); logits, mask, bias, softmax and dropout are
   float32; the probabilities are cast to ``c`` for the ``probs @ value``
-  matmul; the result is ``c``. With ``module`` (flax's ``sow_weights``) the
-  float32 probabilities are sown as ``attention_weights``.
+  matmul, and only those ``c`` probabilities are kept for the backward pass
+  (whose softmax gradient is float32); the result is ``c``. With ``module``
+  (flax's ``sow_weights``) the float32 probabilities are sown as
+  ``attention_weights``.
 
   Args:
     query: ``[batch..., q_length, num_heads, head_dim]``.
@@ -288,19 +335,50 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     causal = jnp.tril(jnp.ones((q_len, kv_len), jnp.bool_))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
   if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if module is not None:
-    _sow_weights(module, probs)
+    # An additive bias, not jnp.where(mask, logits, min): the where keeps a
+    # float32 [..., q, kv] array for its backward pass, the sum keeps nothing.
+    # Half of float32's min: adding a finite logit can never overflow to -inf.
+    logits = logits + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min / 2)
+  probs = _softmax_to(logits, jnp.dtype(dtype))
+  if module is not None:  # flax's sow_weights, a debugging aid: float32
+    _sow_weights(module, jax.nn.softmax(logits, axis=-1))
   if not deterministic and dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("dot_product_attention: dropout needs a dropout_rng.")
     keep_prob = 1.0 - dropout_rate
     shape = (probs.shape[-2:] if broadcast_dropout else probs.shape)
     keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
-    probs = jnp.where(keep, probs / keep_prob, 0.0)
-  return jnp.einsum("...hqk,...khd->...qhd", probs.astype(dtype), value,
+    probs = jnp.where(keep, probs / keep_prob, 0).astype(probs.dtype)
+  return jnp.einsum("...hqk,...khd->...qhd", probs, value,
                     precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_to(logits: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """float32 softmax over the last axis, returned in `dtype`.
+
+  Its backward pass keeps only the `dtype` probabilities (the ones the
+  ``probs @ value`` matmul uses anyway) and computes the softmax gradient
+  ``p * (g - sum(g * p))`` from them in float32, as fused softmax kernels
+  (Megatron's) do. Differentiating the float32 softmax would keep the float32
+  probabilities as well: with a ``[..., heads, q, kv]`` array per layer, the
+  largest activation of a transformer.
+  """
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _softmax_to_fwd(logits, dtype):
+  probs = _softmax_to(logits, dtype)
+  return probs, probs
+
+
+def _softmax_to_bwd(dtype, probs, grad):
+  del dtype
+  p, g = _upcast(probs), _upcast(grad)
+  return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+_softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
