@@ -74,12 +74,14 @@ def _matmul_precisions(text: str) -> Dict[str, int]:
 
 def _attention_residuals(fn: Callable, params: Any,
                          seq_len: int) -> Dict[str, int]:
-  """Residual bytes of [..., seq, seq] arrays (attention logits/probs), per
-  dtype. `mpjax.residuals` totals by dtype only; this splits by shape."""
+  """Residual bytes of [batch, heads, seq, seq] arrays (attention logits and
+  probabilities), per dtype. `mpjax.residuals` totals by dtype only; this
+  splits by shape (4-D only: a [batch, seq, d_model] array with d_model ==
+  seq is not attention)."""
   closure = jax.eval_shape(lambda p: jax.vjp(fn, p)[1], params)
   out: Dict[str, int] = {}
   for leaf in jax.tree.leaves(closure):
-    if len(leaf.shape) >= 2 and leaf.shape[-2:] == (seq_len, seq_len):
+    if len(leaf.shape) >= 4 and leaf.shape[-2:] == (seq_len, seq_len):
       name = np.dtype(leaf.dtype).name
       out[name] = out.get(name, 0) + math.prod(leaf.shape) * np.dtype(
           leaf.dtype).itemsize
