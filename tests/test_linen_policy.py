@@ -338,3 +338,75 @@ def test_lifted_transforms_keep_the_per_module_policy():
       variables).as_text()
   dots = re.findall(r"stablehlo\.dot_general.*?: \(([^)]*)\)", text)
   assert dots and all(d.count("bf16") == 2 for d in dots), dots
+
+
+class Wrapped(nn.Module):
+  """`norm` as a child, so that it is an island inside a mixed model."""
+  norm: nn.Module
+
+  @nn.compact
+  def __call__(self, x):
+    return self.norm(x)
+
+
+ISLAND_NORMS = {
+    "layer_norm": nn.LayerNorm(epsilon=1e-5),
+    "layer_norm_two_pass_no_bias": nn.LayerNorm(use_fast_variance=False,
+                                                use_bias=False),
+    "rms_norm": nn.RMSNorm(),
+    # Not reproduced by mpjax.numerics: flax's layer runs, as before.
+    "layer_norm_two_axes": nn.LayerNorm(reduction_axes=(-2, -1)),
+}
+
+
+def ulp_close(dtype):
+  """Tolerances of one rounding step of `dtype`."""
+  return {"rtol": float(jnp.finfo(dtype).eps), "atol": 1e-6}
+
+
+@pytest.mark.parametrize("name", sorted(ISLAND_NORMS))
+@pytest.mark.parametrize("low", [BF16, F16], ids=["bf16", "f16"])
+def test_island_norms_give_flax_float32_values_and_gradients(name, low):
+  norm = ISLAND_NORMS[name]
+  # Rows of small, unit and large spread: epsilon matters in the first.
+  spread = jnp.array([[0.003], [1.0], [10.0]])
+  x = ((jax.random.normal(jax.random.key(1), (2, 3, 8)) * 3 + 1) *
+       spread).astype(low)
+  params = jax.tree.map(
+      lambda p: jax.random.normal(jax.random.key(p.size), p.shape, F32),
+      norm.init(jax.random.key(0), x)["params"])
+  apply = mpjax.with_policy(Wrapped(norm).apply,
+                            PolicyMap(f"mixed_{jnp.dtype(low).name}"))
+  ours = lambda p, x: apply({"params": {"norm": p}}, x)
+  # Today's island semantics: flax's layer on the float32 upcast input.
+  reference = lambda p, x: norm.apply({"params": p}, x.astype(F32))
+  y, ours_vjp = jax.vjp(ours, params, x)
+  y_ref, ref_vjp = jax.vjp(reference, params, x)
+  chex.assert_type(y, F32)
+  chex.assert_trees_all_close(y, y_ref, rtol=1e-6, atol=1e-6)
+  g = jax.random.normal(jax.random.key(2), y.shape, F32)
+  (dparams, dx), (dparams_ref, dx_ref) = ours_vjp(g), ref_vjp(g)
+  chex.assert_trees_all_equal_dtypes((dparams, dx), (dparams_ref, dx_ref))
+  chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-5, atol=1e-5)
+  # Rounded to `low` once from float32 values equal up to float32 rounding.
+  chex.assert_trees_all_close(dx.astype(F32), dx_ref.astype(F32),
+                              **ulp_close(low))
+
+
+def kept_for_backward(fn, params):
+  """(shape, dtype name) of every array ``jax.vjp(fn, params)`` keeps."""
+  closure = jax.eval_shape(lambda p: jax.vjp(fn, p)[1], params)
+  return [(leaf.shape, jnp.dtype(leaf.dtype).name)
+          for leaf in jax.tree.leaves(closure)]
+
+
+def test_island_norms_keep_their_input_in_the_compute_dtype_for_backward():
+  # Tiny's three LayerNorms see [2, 5, 8] activations. Autodiff of flax's
+  # float32 layer kept three float32 arrays of that shape per norm; now each
+  # keeps its bfloat16 input and two float32 [2, 5, 1] row statistics.
+  params = tiny_variables()["params"]
+  apply = mpjax.with_policy(Tiny().apply, PolicyMap("mixed_bfloat16"))
+  kept = kept_for_backward(lambda p: apply({"params": p}, TOKENS), params)
+  assert ((2, 5, 8), "float32") not in kept, kept
+  assert kept.count(((2, 5, 1), "float32")) == 2 * 3, kept
+  assert kept.count(((2, 5, 8), "bfloat16")) >= 3, kept

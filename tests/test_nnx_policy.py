@@ -338,3 +338,80 @@ def test_float16_nnx_lm_whose_logits_overflow_trains_finitely_with_islands():
   assert np.isfinite(losses).all(), losses
   chex.assert_tree_all_finite(state.params)
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+class Wrapped(nnx.Module):
+  """`norm` as a child, so that it is an island inside a mixed model."""
+
+  def __init__(self, norm):
+    self.norm = norm
+
+  def __call__(self, x):
+    return self.norm(x)
+
+
+ISLAND_NORMS = {
+    "layer_norm": lambda rngs: nnx.LayerNorm(8, epsilon=1e-5, rngs=rngs),
+    "layer_norm_two_pass_no_bias": lambda rngs: nnx.LayerNorm(
+        8, use_fast_variance=False, use_bias=False, rngs=rngs),
+    "rms_norm": lambda rngs: nnx.RMSNorm(8, rngs=rngs),
+    # Not reproduced by mpjax.numerics: flax's layer runs, as before.
+    "layer_norm_with_promote_dtype": lambda rngs: nnx.LayerNorm(
+        8, promote_dtype=lambda xs, dtype: [
+            None if a is None else jnp.asarray(a, dtype) for a in xs],
+        rngs=rngs),
+}
+
+
+def ulp_close(dtype):
+  """Tolerances of one rounding step of `dtype`."""
+  return {"rtol": float(jnp.finfo(dtype).eps), "atol": 1e-6}
+
+
+@pytest.mark.parametrize("name", sorted(ISLAND_NORMS))
+@pytest.mark.parametrize("low", [BF16, F16], ids=["bf16", "f16"])
+def test_island_norms_give_flax_float32_values_and_gradients(name, low):
+  norm = ISLAND_NORMS[name](nnx.Rngs(0))
+  for i, (_, param) in enumerate(nnx.iter_graph(norm)):
+    if isinstance(param, nnx.Param):
+      param.set_value(jax.random.normal(jax.random.key(i), (8,), F32))
+  reference_norm = nnx.clone(norm)
+  model = with_nnx_policy(Wrapped(norm), f"mixed_{jnp.dtype(low).name}")
+  # Rows of small, unit and large spread: epsilon matters in the first.
+  spread = jnp.array([[0.003], [1.0], [10.0]])
+  x = ((jax.random.normal(jax.random.key(1), (2, 3, 8)) * 3 + 1) *
+       spread).astype(low)
+
+  def vjp(module, fn):
+    graphdef, params = nnx.split(module, nnx.Param)
+    return jax.vjp(lambda p, x: fn(nnx.merge(graphdef, p), x), params, x)
+
+  y, ours_vjp = vjp(model, lambda m, x: m(x))
+  # Today's island semantics: flax's layer on the float32 upcast input.
+  y_ref, ref_vjp = vjp(reference_norm, lambda m, x: m(x.astype(F32)))
+  chex.assert_type(y, F32)
+  chex.assert_trees_all_close(y, y_ref, rtol=1e-6, atol=1e-6)
+  g = jax.random.normal(jax.random.key(2), y.shape, F32)
+  (dparams, dx), (dparams_ref, dx_ref) = ours_vjp(g), ref_vjp(g)
+  dparams, dparams_ref = jax.tree.leaves(dparams), jax.tree.leaves(dparams_ref)
+  chex.assert_trees_all_equal_dtypes((dparams, dx), (dparams_ref, dx_ref))
+  chex.assert_trees_all_close(dparams, dparams_ref, rtol=1e-5, atol=1e-5)
+  # Rounded to `low` once from float32 values equal up to float32 rounding.
+  chex.assert_trees_all_close(dx.astype(F32), dx_ref.astype(F32),
+                              **ulp_close(low))
+
+
+def test_island_norms_keep_their_input_in_the_compute_dtype_for_backward():
+  # Tiny's three LayerNorms see [2, 5, 8] activations: each keeps its
+  # bfloat16 input and two float32 [2, 5, 1] row statistics, no float32
+  # [2, 5, 8] array (autodiff of flax's float32 layer kept three).
+  apply_fn, params = split_for_training(
+      with_nnx_policy(Tiny(), PolicyMap("mixed_bfloat16")))
+  closure = jax.eval_shape(
+      lambda p: jax.vjp(lambda p: apply_fn({"params": p}, TOKENS), p)[1],
+      params)
+  kept = [(leaf.shape, jnp.dtype(leaf.dtype).name)
+          for leaf in jax.tree.leaves(closure)]
+  assert ((2, 5, 8), "float32") not in kept, kept
+  assert kept.count(((2, 5, 1), "float32")) == 2 * 3, kept
+  assert kept.count(((2, 5, 8), "bfloat16")) >= 3, kept

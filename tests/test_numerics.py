@@ -117,6 +117,104 @@ def test_rms_norm_matches_a_float64_reference():
   np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5)
 
 
+def float32_norm_graph(x, scale, bias, axis, center, fast_variance=False,
+                       epsilon=1e-5):
+  """A norm written as plain float32 jnp: what autodiff differentiated."""
+  x = x.astype(F32)
+  if center:
+    mean = jnp.mean(x, axis, keepdims=True)
+    var = (jnp.mean(jnp.square(x), axis, keepdims=True) - jnp.square(mean)
+           if fast_variance else
+           jnp.mean(jnp.square(x - mean), axis, keepdims=True))
+    x = x - mean
+  else:
+    var = jnp.mean(jnp.square(x), axis, keepdims=True)
+  y = x * jax.lax.rsqrt(var + epsilon)
+  y = y if scale is None else y * scale.astype(F32)
+  return y if bias is None else y + bias.astype(F32)
+
+
+def ulp_close(dtype):
+  """Tolerances of one rounding step of `dtype` (float32 for float32)."""
+  eps = float(jnp.finfo(dtype).eps)
+  return {"rtol": max(eps, 1e-5), "atol": 1e-6}
+
+
+NORM_CASES = {
+    "last_axis": (-1, (16,), True, False),
+    "fast_variance": (-1, (16,), True, True),
+    "two_axes_scale_broadcast": ((1, 2), (3, 1), False, False),
+    "no_scale_no_bias": (-1, None, True, False),
+    "rms_last_axis": (-1, (16,), None, False),
+    "rms_two_axes": ((1, 2), (3, 16), None, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NORM_CASES))
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["f16", "bf16", "f32"])
+def test_norm_values_and_gradients_equal_those_of_the_float32_graph(case,
+                                                                    dtype):
+  axis, param_shape, with_bias, fast = NORM_CASES[case]
+  center = with_bias is not None
+  # Rows of small, unit and large spread: epsilon matters in the first.
+  spread = jnp.array([[0.01], [1.0], [10.0]])
+  x = ((sample((2, 3, 16), F32, scale=2.0) + 1) * spread).astype(dtype)
+  scale = None if param_shape is None else sample(param_shape, F32, seed=1)
+  bias = sample(param_shape, F32, seed=2) if with_bias else None
+  if center:
+    ours = lambda x, s, b: numerics.layer_norm(
+        x, s, b, axis=axis, use_fast_variance=fast)
+  else:
+    ours = lambda x, s, b: numerics.rms_norm(x, s, axis=axis, epsilon=1e-5)
+  reference = lambda x, s, b: float32_norm_graph(x, s, b, axis, center, fast)
+  y, ours_vjp = jax.vjp(ours, x, scale, bias)
+  y_ref, ref_vjp = jax.vjp(reference, x, scale, bias)
+  chex.assert_type(y, F32)
+  chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-6)
+  g = sample(y.shape, F32, seed=3)
+  (dx, dscale, dbias), (dx_ref, dscale_ref, dbias_ref) = ours_vjp(g), ref_vjp(g)
+  chex.assert_type(dx, dtype)
+  # dx is rounded to x's dtype once, from float32 values that differ only
+  # by float32 rounding: equal up to one rounding step of that dtype.
+  chex.assert_trees_all_close(dx.astype(F32), dx_ref.astype(F32),
+                              **ulp_close(dtype))
+  chex.assert_trees_all_equal_dtypes((dscale, dbias), (scale, bias))
+  chex.assert_trees_all_close((dscale, dbias), (dscale_ref, dbias_ref),
+                              rtol=1e-5, atol=1e-5)
+
+
+def test_norm_backward_keeps_the_input_in_its_dtype_and_row_statistics():
+  x = sample((4, 6, 16), BF16)
+  scale, bias = sample((16,), F32, seed=1), sample((16,), F32, seed=2)
+  for fn, stats in ((lambda x: numerics.layer_norm(x, scale, bias), 2),
+                    (lambda x: numerics.rms_norm(x, scale), 1)):
+    kept = jax.tree.leaves(jax.eval_shape(lambda x: jax.vjp(fn, x)[1], x))
+    by_shape = sorted((leaf.shape, jnp.dtype(leaf.dtype).name)
+                      for leaf in kept if leaf.shape != (16,))
+    assert by_shape == [((4, 6, 1), "float32")] * stats + [
+        ((4, 6, 16), "bfloat16")], by_shape
+    # The float32 graph would keep float32 copies of x's shape instead.
+    ref = lambda x: float32_norm_graph(x, scale, bias, -1, center=stats == 2)
+    kept = jax.tree.leaves(jax.eval_shape(lambda x: jax.vjp(ref, x)[1], x))
+    assert ((4, 6, 16), jnp.dtype(F32)) in [(l.shape, l.dtype) for l in kept]
+
+
+def test_norm_gradients_work_under_jit_and_vmap():
+  x = sample((3, 4, 16), F16)
+  def loss(x):
+    return jnp.sum(numerics.layer_norm(x) ** 3) + jnp.sum(
+        numerics.rms_norm(x, jnp.full((16,), 2.0)) ** 3)
+  def reference(x):
+    return jnp.sum(float32_norm_graph(x, None, None, -1, True) ** 3) + jnp.sum(
+        float32_norm_graph(x, jnp.full((16,), 2.0), None, -1, False,
+                           epsilon=1e-6) ** 3)
+  got = jax.jit(jax.vmap(jax.grad(loss)))(x)
+  chex.assert_type(got, F16)
+  chex.assert_trees_all_close(got.astype(F32),
+                              jax.vmap(jax.grad(reference))(x).astype(F32),
+                              **ulp_close(F16))
+
+
 def test_integer_inputs_are_rejected():
   with pytest.raises(TypeError, match="floating array"):
     numerics.softmax(jnp.arange(3))

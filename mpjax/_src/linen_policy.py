@@ -10,7 +10,9 @@ outputs of every boundary module and, in attention layers that use flax's
 default attention function, swaps in `mpjax.numerics.dot_product_attention`
 for the duration of the call (flax reads ``self.attention_fn`` inside
 ``__call__``; the interceptor is the only seam that reaches it without
-rebuilding the module).
+rebuilding the module). The same seam runs float32-island LayerNorms and
+RMSNorms as `mpjax.numerics.layer_norm`/`rms_norm` on their uncast input
+(`module_policy.float32_norm`: flax's values, less residual memory).
 
 Collections other than ``"params"`` (``batch_stats``, caches) are never cast,
 so BatchNorm's running statistics keep their float32 dtype.
@@ -84,6 +86,20 @@ class ChainTracker:
     return tuple(("/".join(path), cls) for path, cls in chain)
 
 
+def _norm_params(module: nn.Module) -> Optional[Tuple[Any, Any]]:
+  """A linen LayerNorm's or RMSNorm's ``(scale, bias)`` (None where unused).
+
+  None if a param it uses does not exist yet (initialisation, or an apply
+  that creates params): flax's layer then runs and creates it.
+  """
+  used = (("scale", module.use_scale),
+          ("bias", getattr(module, "use_bias", False)))
+  if any(on and not module.has_variable("params", name) for name, on in used):
+    return None
+  return tuple(nn.meta.unbox(module.get_variable("params", name)) if on
+               else None for name, on in used)
+
+
 def policy_interceptor(pm: module_policy.PolicyMap,
                        visited: Optional[Records] = None) -> Callable:
   """The method interceptor that applies `pm` to boundary modules.
@@ -107,6 +123,16 @@ def policy_interceptor(pm: module_policy.PolicyMap,
     if visited is not None:
       visited[tuple(module.path)] = resolved
     policy = resolved.policy
+    norm = (module_policy.float32_norm(module, type(module), policy, args,
+                                       kwargs)
+            if resolved.boundary and context.method_name == "__call__"
+            else None)
+    norm_params = None if norm is None else _norm_params(module)
+    if norm_params is not None:
+      # Instead of flax's layer, and with the input left uncast: see
+      # float32_norm (residual memory).
+      return module_policy.cast_floating(norm(*norm_params),
+                                         policy.output_dtype)
     if resolved.boundary:
       args, kwargs = module_policy.cast_floating((args, kwargs),
                                                  policy.compute_dtype)

@@ -9,7 +9,10 @@ One call prepares a model in place (NNX's own style, like ``model.eval()``):
   subclass of its own class whose ``__call__`` and public methods cast
   floating inputs to the compute dtype and outputs to the output dtype
   (``isinstance`` and the module's state and paths are unchanged: the state
-  is what gets checkpointed, and it does not change);
+  is what gets checkpointed, and it does not change); a float32-island
+  LayerNorm or RMSNorm instead runs as `mpjax.numerics.layer_norm`/`rms_norm`
+  on its uncast input (`module_policy.float32_norm`: flax's values, less
+  residual memory);
 - every module that has a ``dtype`` attribute (flax's compute-dtype knob)
   gets the compute dtype the map gives it, boundary or not. Without this a
   layer would promote: ``nnx.Embed``'s ``dtype`` defaults to its param dtype
@@ -124,10 +127,20 @@ def _wrap(method):
     record = getattr(self, _ATTR)
     policy = record.resolved.policy
     module_policy.note_applied(record.policy_map)
-    args, kwargs = module_policy.cast_floating((args, kwargs),
-                                               policy.compute_dtype)
+    norm = (module_policy.float32_norm(self, original_class(self), policy,
+                                       args, kwargs)
+            if method.__name__ == "__call__" else None)
+    if norm is None:
+      args, kwargs = module_policy.cast_floating((args, kwargs),
+                                                 policy.compute_dtype)
     with _params_in_compute_dtype(self):
-      out = method(self, *args, **kwargs)
+      if norm is None:
+        out = method(self, *args, **kwargs)
+      else:
+        # Instead of flax's layer, and with the input left uncast: see
+        # float32_norm (residual memory).
+        out = norm(*(None if p is None else p[...]
+                     for p in (self.scale, getattr(self, "bias", None))))
     return module_policy.cast_floating(out, policy.output_dtype)
   return wrapped
 

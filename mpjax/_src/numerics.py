@@ -9,7 +9,9 @@ example back to the compute dtype, to keep activations small). float64 inputs
 are computed and returned in float64, never narrowed.
 
 Gradients flow through the casts: differentiating with respect to a float16
-input gives a float16 gradient of the float32 computation.
+input gives a float16 gradient of the float32 computation. `layer_norm` and
+`rms_norm` keep only their input (in its own dtype) and float32 per-row
+statistics for the backward pass, which recomputes the rest in float32.
 
 `dot_product_attention` is the island for attention: the attention logits
 ``q k^T / sqrt(d)`` are accumulated and returned in float32 (the matmul keeps
@@ -20,7 +22,8 @@ their ``attention_fn``.
 """
 
 import functools
-from typing import Any, Optional, Sequence, Union
+import operator
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -209,13 +212,19 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
 
 def layer_norm(x: jax.Array, scale: Optional[jax.Array] = None,
                bias: Optional[jax.Array] = None, *, axis: Axis = -1,
-               epsilon: float = 1e-5,
+               epsilon: float = 1e-5, use_fast_variance: bool = False,
                dtype: Optional[DTypeLike] = None) -> jax.Array:
   """Layer normalisation over `axis`, statistics and arithmetic in float32.
 
-  ``(x - mean) / sqrt(var + epsilon) * scale + bias`` with the biased
+  ``(x - mean) * (rsqrt(var + epsilon) * scale) + bias`` with the biased
   variance, like ``torch.nn.functional.layer_norm`` (whose default `epsilon`,
   1e-5, this takes; flax's layers default to 1e-6).
+
+  The backward pass keeps only `x` in its own dtype and the float32 per-row
+  ``mean`` and ``rsqrt(var + epsilon)``, and recomputes the normalised input
+  in float32 from them: the gradients of the float32 computation (up to
+  float32 rounding) without the float32 copies of the input that autodiff of
+  the float32 graph keeps (three arrays of `x`'s shape per layer).
 
   Args:
     x: floating array of any shape and dtype.
@@ -224,26 +233,25 @@ def layer_norm(x: jax.Array, scale: Optional[jax.Array] = None,
     bias: optional array like `scale`.
     axis: axis or axes holding the features to normalise.
     epsilon: added to the variance.
+    use_fast_variance: compute the variance as ``mean(x**2) - mean(x)**2``
+      (clipped at 0) in one pass, as flax's layers do by default, instead of
+      ``mean((x - mean)**2)``.
     dtype: dtype of the result; default float32.
 
   Returns:
     Array of `x`'s shape, float32 (or `dtype`).
   """
-  x = _upcast(x)
-  mean = jnp.mean(x, axis=axis, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=axis, keepdims=True)
-  y = (x - mean) * jax.lax.rsqrt(var + epsilon)
-  if scale is not None:
-    y = y * _upcast(scale)
-  if bias is not None:
-    y = y + _upcast(bias)
-  return _finish(y, dtype)
+  return _finish(_normalize(x, scale, bias, axis, epsilon, True,
+                            use_fast_variance), dtype)
 
 
 def rms_norm(x: jax.Array, scale: Optional[jax.Array] = None, *,
              axis: Axis = -1, epsilon: float = 1e-6,
              dtype: Optional[DTypeLike] = None) -> jax.Array:
-  """RMS normalisation ``x / sqrt(mean(x**2) + epsilon) * scale`` in float32.
+  """RMS normalisation ``x * (rsqrt(mean(x**2) + epsilon) * scale)`` in float32.
+
+  Like `layer_norm`, the backward pass keeps `x` in its own dtype and the
+  float32 per-row ``rsqrt(mean(x**2) + epsilon)`` only.
 
   Args:
     x: floating array of any shape and dtype.
@@ -255,12 +263,95 @@ def rms_norm(x: jax.Array, scale: Optional[jax.Array] = None, *,
   Returns:
     Array of `x`'s shape, float32 (or `dtype`).
   """
-  x = _upcast(x)
-  y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True)
-                        + epsilon)
+  return _finish(_normalize(x, scale, None, axis, epsilon, False, False),
+                 dtype)
+
+
+def _normalize(x, scale, bias, axis, epsilon, center, fast_variance):
+  """Validates and canonicalises the arguments of `_norm`."""
+  x = jnp.asarray(x)
+  scale, bias = (None if p is None else jnp.asarray(p) for p in (scale, bias))
+  axes = tuple(map(operator.index, axis if isinstance(axis, (tuple, list))
+                  else (axis,)))
+  if not all(-x.ndim <= a < x.ndim for a in axes):
+    raise ValueError(
+        f"mpjax.numerics: axis {axis} is out of range for an array of shape "
+        f"{x.shape}.")
+  axes = tuple(sorted({a % x.ndim for a in axes}))
+  return _norm(x, scale, bias, axes, float(epsilon), center, fast_variance)
+
+
+def _sum_to(t: jax.Array, shape: Tuple[int, ...]) -> jax.Array:
+  """Sums `t` over the axes along which an array of `shape` was broadcast."""
+  lead = t.ndim - len(shape)
+  t = jnp.sum(t, axis=tuple(range(lead)))
+  return jnp.sum(t, axis=tuple(i for i, n in enumerate(shape)
+                               if n == 1 and t.shape[i] != 1), keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _norm(x, scale, bias, axes, epsilon, center, fast_variance):
+  """float32 layer (``center``) or RMS normalisation over `axes`.
+
+  A custom VJP so that the backward pass keeps `x` in its own (compute) dtype
+  plus the float32 per-row statistics, not the float32 upcast of `x` and the
+  float32 intermediates (``x - mean``, ...) that autodiff of the float32
+  graph keeps (three float32 arrays of `x`'s shape): for a transformer in
+  bfloat16, most of what its norms would keep.
+  """
+  return _norm_fwd(x, scale, bias, axes, epsilon, center, fast_variance)[0]
+
+
+def _norm_fwd(x, scale, bias, axes, epsilon, center, fast_variance):
+  # The operations and their order are flax's (`_compute_stats` and
+  # `_normalize` of linen and NNX), so that the float32 island of a flax
+  # LayerNorm/RMSNorm computed here gives flax's float32 forward values.
+  xf = _upcast(x)
+  if center:
+    mean = jnp.mean(xf, axes, keepdims=True)
+    if fast_variance:
+      var = jnp.maximum(0.0, jnp.mean(jax.lax.square(xf), axes, keepdims=True)
+                        - jax.lax.square(mean))
+    else:
+      var = jnp.mean(jax.lax.square(xf - mean), axes, keepdims=True)
+    y = xf - mean
+  else:
+    mean = None
+    var = jnp.mean(jax.lax.square(xf), axes, keepdims=True)
+    y = xf
+  rstd = jax.lax.rsqrt(var + epsilon)
+  mul = rstd if scale is None else rstd * _upcast(scale)
+  y = y * mul
+  if bias is not None:
+    y = y + _upcast(bias)
+  return y, (x, scale, bias, mean, rstd)
+
+
+def _norm_bwd(axes, epsilon, center, fast_variance, residuals, grad):
+  # With xhat = (x - mean) * rstd and y = xhat * scale + bias, the usual
+  # closed form (that of fused LayerNorm kernels):
+  # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), without
+  # the mean(dxhat) term for RMS normalisation. It is the derivative of the
+  # clipped fast variance too, except where the clip is active (constant
+  # rows), where xhat is 0 and the terms that differ vanish.
+  del epsilon, fast_variance
+  x, scale, bias, mean, rstd = residuals
+  xf = _upcast(x)
+  xhat = (xf - mean if center else xf) * rstd
+  g = grad.astype(jnp.result_type(xhat, grad))
+  dscale = dbias = None
+  if bias is not None:
+    dbias = _sum_to(g, bias.shape).astype(bias.dtype)
   if scale is not None:
-    y = y * _upcast(scale)
-  return _finish(y, dtype)
+    dscale = _sum_to(g * xhat, scale.shape).astype(scale.dtype)
+  dxhat = _sum_to(g if scale is None else g * _upcast(scale), xhat.shape)
+  dx = dxhat - xhat * jnp.mean(dxhat * xhat, axes, keepdims=True)
+  if center:
+    dx = dx - jnp.mean(dxhat, axes, keepdims=True)
+  return (rstd * dx).astype(x.dtype), dscale, dbias
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
