@@ -161,7 +161,48 @@ def toy():
   return types.SimpleNamespace(
       make_problem=_make_problem, make_pattern=_make_pattern,
       poison_of=poison_of, poison_grads=poison_grads, loss=toy_loss,
-      run_mpjax=_run_mpjax)
+      run_mpjax=_run_mpjax, assert_same_trajectory=_assert_same_trajectory,
+      assert_adam_states_close=_assert_adam_states_close)
+
+
+def _assert_same_trajectory(ours, theirs, codes, peer):
+  """Every step: same scale (exactly), counter, skip, Adam count, movement.
+
+  `ours`/`theirs` map each field to a per-step array; the message names the
+  first differing step, as `peer` (``"torch"``, ``"Keras"``) saw it.
+  """
+  for name in ("scale", "growth_count", "skipped", "adam_count",
+               "params_moved"):
+    mine = np.asarray(ours[name]).astype(np.asarray(theirs[name]).dtype)
+    bad = np.flatnonzero(mine != theirs[name])
+    assert bad.size == 0, (
+        f"{name} differs from {peer} first at step {bad[0]}: mpjax "
+        f"{ours[name][bad[0]]!r}, {peer} {theirs[name][bad[0]]!r} (code "
+        f"{codes[bad[0]]}; {peer}'s previous scale "
+        f"{theirs['scale'][bad[0] - 1] if bad[0] else None!r})")
+  # The only non-finite steps are the poisoned ones, on both sides.
+  np.testing.assert_array_equal(theirs["skipped"], codes > 0)
+
+
+def _assert_adam_states_close(ours, theirs, *, params_atol, rtol, nu_atol):
+  """Final params and Adam moments (``{"params"|"mu"|"nu": {"w", "b"}}``).
+
+  The toy problem converges, so parameters and first moments end near 0 and
+  take absolute tolerances (the first moment 1% of the gradients' root mean
+  square); `nu_atol` is relative to the largest second moment, which any
+  gradient unscaled by the wrong scale would change by a factor of 4.
+  """
+  for leaf in ("w", "b"):
+    np.testing.assert_allclose(ours["params"][leaf], theirs["params"][leaf],
+                               rtol=rtol, atol=params_atol,
+                               err_msg=f"params[{leaf!r}]")
+    grad_rms = np.sqrt(theirs["nu"][leaf].max())
+    np.testing.assert_allclose(ours["mu"][leaf], theirs["mu"][leaf],
+                               rtol=rtol, atol=1e-2 * grad_rms,
+                               err_msg=f"mu[{leaf!r}]")
+    np.testing.assert_allclose(ours["nu"][leaf], theirs["nu"][leaf],
+                               rtol=rtol, atol=nu_atol * grad_rms**2,
+                               err_msg=f"nu[{leaf!r}]")
 
 
 @pytest.fixture(scope="module")

@@ -100,39 +100,17 @@ def run_keras(problem, codes, poison_grads, loss_fn, **optimizer_kwargs):
   return jax.tree.map(np.asarray, records), final
 
 
-def assert_same_trajectory(ours, theirs, codes):
-  """Every step: same scale (exactly), counter, skip, Adam count, movement."""
-  for name in ("scale", "growth_count", "skipped", "adam_count",
-               "params_moved"):
-    bad = np.flatnonzero(ours[name] != theirs[name])
-    assert bad.size == 0, (
-        f"{name} differs from Keras first at step {bad[0]}: mpjax "
-        f"{ours[name][bad[0]]!r}, Keras {theirs[name][bad[0]]!r} (code "
-        f"{codes[bad[0]]})")
-  np.testing.assert_array_equal(theirs["skipped"], codes > 0)
-
-
-def assert_same_final_state(ours, theirs):
+def assert_same_final_state(toy, ours, theirs):
   """Same updates taken, up to rounding and Adam's epsilon placement.
 
   Keras adds epsilon to sqrt(v) before bias correction (optax after it), so
   its effective epsilon is ``eps / sqrt(1 - beta2**t)``; near convergence,
   where sqrt(v) is small, that moves parameters by up to ~5e-6 over the run
-  (measured with keras 3.15.1), against a tolerance of 3e-5. The second
-  moment, which any gradient unscaled by the wrong scale would change by a
-  factor of 4, is compared to 0.1% of its largest element.
+  (measured with keras 3.15.1), against a tolerance of 3e-5; the second
+  moment is compared to 0.1% of its largest element.
   """
-  for leaf in ("w", "b"):
-    np.testing.assert_allclose(ours["params"][leaf], theirs["params"][leaf],
-                               rtol=1e-4, atol=LR * 3e-2,
-                               err_msg=f"params[{leaf!r}]")
-    grad_rms = np.sqrt(theirs["nu"][leaf].max())
-    np.testing.assert_allclose(ours["mu"][leaf], theirs["mu"][leaf],
-                               rtol=1e-3, atol=1e-2 * grad_rms,
-                               err_msg=f"mu[{leaf!r}]")
-    np.testing.assert_allclose(ours["nu"][leaf], theirs["nu"][leaf],
-                               rtol=1e-3, atol=1e-3 * grad_rms**2,
-                               err_msg=f"nu[{leaf!r}]")
+  toy.assert_adam_states_close(ours, theirs, params_atol=LR * 3e-2,
+                               rtol=1e-3, nu_atol=1e-3)
 
 
 @pytest.mark.parametrize("seed,growth_interval", [(10, 2), (11, 3), (12, 5)])
@@ -148,8 +126,8 @@ def test_scale_skips_and_iterations_match_keras_on_random_patterns(
   ours, our_final = toy.run_mpjax(
       mpjax.DynamicScaling.like_keras(growth_interval=growth_interval),
       problem, codes, LR)
-  assert_same_trajectory(ours, theirs, codes)
-  assert_same_final_state(our_final, their_final)
+  toy.assert_same_trajectory(ours, theirs, codes, "Keras")
+  assert_same_final_state(toy, our_final, their_final)
   assert np.sum(np.diff(np.log2(theirs["scale"])) > 0) > 50
   assert np.sum(codes > 0) > 100
 
@@ -166,8 +144,8 @@ def test_scale_below_one_matches_keras_with_min_scale_lowered(toy):
       mpjax.DynamicScaling.like_keras(growth_interval=growth_interval,
                                       min_scale=2.0**-126),
       problem, codes, LR)
-  assert_same_trajectory(ours, theirs, codes)
-  assert_same_final_state(our_final, their_final)
+  toy.assert_same_trajectory(ours, theirs, codes, "Keras")
+  assert_same_final_state(toy, our_final, their_final)
 
 
 def test_keras_grows_its_scale_to_inf_and_stops_training_mpjax_does_not(toy):
