@@ -138,7 +138,6 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
   start = time.perf_counter()
   compiled = step.lower(state, batch_at(0)).compile()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
 
   checkpoints, state = training.open_checkpoints(args, run.name, state)
   apply = mpjax.with_policy(apply_fn, run.policy)
@@ -175,10 +174,7 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
       "skipped_steps": int(scale_state.skipped_steps),
       "final_loss_scale": float(scale_state.scale),
       "compile_s": compile_s,
-      "xla_argument_bytes": getattr(memory, "argument_size_in_bytes", None),
-      "xla_output_bytes": getattr(memory, "output_size_in_bytes", None),
-      "xla_alias_bytes": getattr(memory, "alias_size_in_bytes", None),
-      "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+      **report.xla_memory(compiled),
       "param_count": int(sum(np.size(p) for p in jax.tree.leaves(params))),
       "loss_curve": [float(x) for x in losses],
       "device": f"{device.platform}:{device.device_kind}",

@@ -42,3 +42,10 @@ def markdown_table(rows: List[Dict[str, Any]], columns: Columns) -> str:
     cells = [fmt(spec, row.get(key)) for _, key, spec in columns]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def xla_memory(compiled: Any) -> Dict[str, Any]:
+  """A compiled step's `memory_analysis()` figures (None where unsupported)."""
+  memory = compiled.memory_analysis()
+  return {f"xla_{name}_bytes": getattr(memory, f"{name}_size_in_bytes", None)
+          for name in ("argument", "output", "alias", "temp")}

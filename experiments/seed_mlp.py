@@ -113,7 +113,6 @@ def run_config(config: Config, split: datasets.Split,
   start = time.perf_counter()
   compiled = step.lower(state, batches[0][1]).compile()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
 
   checkpoints, state = training.open_checkpoints(args, config.name, state)
   first = int(state.step)  # batches already consumed (skipped steps count)
@@ -151,10 +150,7 @@ def run_config(config: Config, split: datasets.Split,
       "median_step_ms": 1e3 * float(np.median(timed)),
       "timed_steps": len(timed),
       "compile_s": compile_s,
-      "xla_argument_bytes": getattr(memory, "argument_size_in_bytes", None),
-      "xla_output_bytes": getattr(memory, "output_size_in_bytes", None),
-      "xla_alias_bytes": getattr(memory, "alias_size_in_bytes", None),
-      "xla_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+      **report.xla_memory(compiled),
       "steps": len(batches),
       "steps_this_run": len(step_times),
       "skipped_steps": int(scale_state.skipped_steps),
