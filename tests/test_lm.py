@@ -102,8 +102,9 @@ def test_script_trains_and_writes_its_table(script, configs, tmp_path, capsys):
   assert [r["step"] for r in records] == list(range(6)) * len(configs)
 
 
-@pytest.mark.parametrize("config", ["float32", "mixed_float16"])
-def test_interrupted_lm_run_resumes_bit_identically(config, tmp_path):
+def test_interrupted_lm_run_resumes_bit_identically(tmp_path):
+  # mixed_float16: the loss scale, its counter and the skips must resume too.
+  config = "mixed_float16"
   common = [*TINY, "--configs", config, "--metrics", "", "--quiet",
             "--checkpoint-every", "2"]
   full = lm_linen.main(["lm.py", *common, "--json", str(tmp_path / "a.json"),
