@@ -22,7 +22,7 @@ import mpjax
 import report
 import training
 from mpjax import numerics
-from mpjax._src.module_policy import PolicyMap
+from mpjax._src.policy_map import PolicyMap
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,8 @@ PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 
 from mpjax import numerics
 from mpjax._src.adam import adam
-from mpjax._src.audit import PolicyRow
-from mpjax._src.audit import policy_table
+from mpjax._src.policy_table import PolicyRow
+from mpjax._src.policy_table import policy_table
 from mpjax._src.checkpoint import CheckpointManager
 from mpjax._src.checkpoint import restore
 from mpjax._src.checkpoint import save
@@ -24,15 +24,15 @@ from mpjax._src.grad_stats import TensorStats
 from mpjax._src.grad_stats import grad_stats
 from mpjax._src.grad_stats import grad_stats_summary
 from mpjax._src.grad_stats import periodic_grad_stats
-from mpjax._src.loss_scale import DynamicScaling
-from mpjax._src.loss_scale import LossScaling
-from mpjax._src.loss_scale import NoScaling
-from mpjax._src.loss_scale import StaticScaling
+from mpjax._src.scaling import DynamicScaling
+from mpjax._src.scaling import LossScaling
+from mpjax._src.scaling import NoScaling
+from mpjax._src.scaling import StaticScaling
 from mpjax._src.metrics_log import MetricsWriter
 from mpjax._src.metrics_log import ProgressBar
 from mpjax._src.metrics_log import read_metrics
 from mpjax._src.metrics_log import record_from_metrics
-from mpjax._src.module_policy import PolicyMap
+from mpjax._src.policy_map import PolicyMap
 from mpjax._src.nnx_policy import with_nnx_policy
 from mpjax._src.policy import PRESETS
 from mpjax._src.program_audit import ProgramAudit
@@ -47,13 +47,13 @@ from mpjax._src.sharding import fsdp
 from mpjax._src.train_state import TrainState
 from mpjax._src.train_step import make_train_step
 from mpjax._src.train_step import with_policy
-from mpjax._src.transform import LossScaledState
-from mpjax._src.transform import current_loss_scale
-from mpjax._src.transform import finite_flags
-from mpjax._src.transform import loss_scale_state
-from mpjax._src.transform import loss_scaled
-from mpjax._src.transform import scale_loss
-from mpjax._src.transform import unscale_gradients
+from mpjax._src.loss_scaled import LossScaledState
+from mpjax._src.loss_scaled import current_loss_scale
+from mpjax._src.loss_scaled import finite_flags
+from mpjax._src.loss_scaled import loss_scale_state
+from mpjax._src.loss_scaled import loss_scaled
+from mpjax._src.loss_scaled import scale_loss
+from mpjax._src.loss_scaled import unscale_gradients
 
 __version__ = "0.1.0"
 

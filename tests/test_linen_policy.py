@@ -15,7 +15,7 @@ import lm_data
 import lm_models_linen
 import mpjax
 from mpjax import numerics
-from mpjax._src.module_policy import PolicyMap
+from mpjax._src.policy_map import PolicyMap
 
 F32, F16, BF16 = jnp.float32, jnp.float16, jnp.bfloat16
 

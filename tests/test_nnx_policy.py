@@ -15,7 +15,7 @@ import lm_data
 import lm_models_nnx
 import mpjax
 from mpjax import numerics
-from mpjax._src.module_policy import PolicyMap
+from mpjax._src.policy_map import PolicyMap
 from mpjax._src.nnx_policy import original_class
 from mpjax._src.nnx_policy import policy_of
 from mpjax._src.nnx_policy import with_nnx_policy

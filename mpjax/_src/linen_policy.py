@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from mpjax._src import module_policy
+from mpjax._src import policy_map as module_policy
 from mpjax._src import numerics
 
 Records = Dict[Tuple[str, ...], module_policy.ModulePolicy]

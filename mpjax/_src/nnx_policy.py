@@ -42,7 +42,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from flax import nnx
 
-from mpjax._src import module_policy
+from mpjax._src import policy_map as module_policy
 from mpjax._src import numerics
 
 _ATTR = "_mpjax_policy"

@@ -11,11 +11,11 @@ import optax
 
 from mpjax._src import grad_stats as grad_stats_lib
 from mpjax._src import linen_policy
-from mpjax._src import module_policy
+from mpjax._src import policy_map as module_policy
 from mpjax._src import policy as policy_lib
 from mpjax._src import sharding as sharding_lib
 from mpjax._src import train_state as train_state_lib
-from mpjax._src import transform
+from mpjax._src import loss_scaled as loss_scaled_lib
 
 LossFn = Callable[..., Any]
 
@@ -137,10 +137,10 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
       raise ValueError(
           "make_train_step: the state has no policy; build it with "
           "mpjax.TrainState.create(..., policy='mixed_bfloat16').")
-    scaled_states = transform.find_loss_scaled_states(state.opt_state)
+    scaled_states = loss_scaled_lib.find_loss_scaled_states(state.opt_state)
     if scaled_states:
-      scale = transform.loss_scale_state(state.opt_state).scale
-      if transform.loss_scaled_inside_multisteps(state.opt_state):
+      scale = loss_scaled_lib.loss_scale_state(state.opt_state).scale
+      if loss_scaled_lib.loss_scaled_inside_multisteps(state.opt_state):
         warnings.warn(
             "mpjax.loss_scaled is inside optax.MultiSteps: one non-finite "
             "micro-batch will poison every later accumulation window (MultiSteps "
@@ -172,15 +172,15 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
 
     grads, (loss, aux) = jax.grad(scaled_loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads)
-    unscaled = transform.unscale_gradients(grads, scale)
+    unscaled = loss_scaled_lib.unscale_gradients(grads, scale)
     if scaled_states:
-      new_scaled = transform.loss_scale_state(new_state.opt_state)
+      new_scaled = loss_scaled_lib.loss_scale_state(new_state.opt_state)
       grads_finite = new_scaled.last_grads_finite
       leaf_finite = new_scaled.leaf_grads_finite
       skipped = new_scaled.skipped_steps
       consecutive = new_scaled.consecutive_skips
     else:
-      leaf_finite = transform.finite_flags(unscaled)
+      leaf_finite = loss_scaled_lib.finite_flags(unscaled)
       grads_finite = jnp.all(leaf_finite)
       skipped = jnp.zeros([], jnp.int32)
       consecutive = jnp.zeros([], jnp.int32)

@@ -1,4 +1,4 @@
-"""Tests for mpjax/_src/audit.py: the per-module dtype table."""
+"""Tests for mpjax/_src/policy_table.py: the per-module dtype table."""
 
 import flax.linen as nn
 import jax
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mpjax._src.audit import PolicyRow
-from mpjax._src.audit import policy_table
-from mpjax._src.module_policy import PolicyMap
+from mpjax._src.policy_table import PolicyRow
+from mpjax._src.policy_table import policy_table
+from mpjax._src.policy_map import PolicyMap
 from mpjax._src.nnx_policy import with_nnx_policy
 
 X = jnp.ones((2, 6), jnp.float32)

@@ -1,4 +1,4 @@
-"""Tests for mpjax/_src/module_policy.py: PolicyMap's matching rule and errors."""
+"""Tests for mpjax/_src/policy_map.py: PolicyMap's matching rule and errors."""
 
 import flax.linen as nn
 import jax
@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import mpjax
-from mpjax._src.module_policy import PolicyMap
-from mpjax._src.module_policy import cast_floating
+from mpjax._src.policy_map import PolicyMap
+from mpjax._src.policy_map import cast_floating
 
 F32, F16, BF16 = jnp.float32, jnp.float16, jnp.bfloat16
 

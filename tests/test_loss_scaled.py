@@ -1,4 +1,4 @@
-"""Tests for mpjax/_src/transform.py: the loss_scaled optax wrapper."""
+"""Tests for mpjax/_src/loss_scaled.py: the loss_scaled optax wrapper."""
 
 import chex
 import jax

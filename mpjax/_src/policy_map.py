@@ -194,7 +194,7 @@ class PolicyMap(jmp.Policy):
   Examples:
     >>> import flax.linen as nn
     >>> import mpjax
-    >>> from mpjax._src.module_policy import PolicyMap
+    >>> from mpjax._src.policy_map import PolicyMap
     >>> pm = PolicyMap("mixed_bfloat16", {"head": "float32"})
     >>> pm.resolve((("", nn.Sequential), ("head", nn.Dense))).rule
     "path 'head'"

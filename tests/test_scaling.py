@@ -1,4 +1,4 @@
-"""Tests for mpjax/_src/loss_scale.py: the scale rules, clamps and validation."""
+"""Tests for mpjax/_src/scaling.py: the scale rules, clamps and validation."""
 
 import math
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mpjax._src import linen_policy
-from mpjax._src import module_policy
+from mpjax._src import policy_map as module_policy
 from mpjax._src import nnx_policy
 from mpjax._src import train_step
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jmp
 import optax
 
-from mpjax._src import loss_scale as loss_scale_lib
+from mpjax._src import scaling as scaling_lib
 
 
 class LossScaledState(NamedTuple):
@@ -82,7 +82,7 @@ def finite_flags(tree: chex.ArrayTree) -> chex.Array:
 
 
 def loss_scaled(inner: optax.GradientTransformation,
-                scaling: loss_scale_lib.LossScaling
+                scaling: scaling_lib.LossScaling
                 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that it takes gradients of a scaled loss.
 
@@ -134,9 +134,9 @@ def loss_scaled(inner: optax.GradientTransformation,
     raise TypeError(
         "loss_scaled: inner must be an optax.GradientTransformation, got "
         f"{inner!r} of type {type(inner).__name__}.")
-  if not isinstance(scaling, (loss_scale_lib.NoScaling,
-                              loss_scale_lib.StaticScaling,
-                              loss_scale_lib.DynamicScaling)):
+  if not isinstance(scaling, (scaling_lib.NoScaling,
+                              scaling_lib.StaticScaling,
+                              scaling_lib.DynamicScaling)):
     raise TypeError(
         "loss_scaled: scaling must be mpjax.NoScaling(), "
         "mpjax.StaticScaling(...) or mpjax.DynamicScaling(...), got "
