@@ -17,6 +17,7 @@ import mpjax
 from mpjax import numerics
 from mpjax._src.policy_map import PolicyMap
 from mpjax._src.nnx_policy import original_class
+from mpjax._src.nnx_policy import policy_map_of
 from mpjax._src.nnx_policy import policy_of
 from mpjax._src.nnx_policy import with_nnx_policy
 
@@ -136,6 +137,19 @@ def test_class_and_state_paths_are_unchanged_and_a_new_map_replaces_the_old():
   with_nnx_policy(model, PolicyMap("float32", islands=False))
   assert model.block.attn.attention_fn is nnx.dot_product_attention
   assert type(model.block.fc) is nnx.Linear  # not a boundary any more
+
+
+def test_policy_map_of_returns_the_map_the_model_was_prepared_with():
+  model = Tiny()
+  assert policy_map_of(model) is None
+  pm = PolicyMap("mixed_bfloat16", {"block/fc": "float32"})
+  with_nnx_policy(model, pm)
+  assert policy_map_of(model) is pm
+  # Survives split/merge (the record is static graph data).
+  graphdef, state = nnx.split(model)
+  assert policy_map_of(nnx.merge(graphdef, state)) == pm
+  with_nnx_policy(model, "mixed_float16")
+  assert policy_map_of(model) == PolicyMap("mixed_float16")
 
 
 def test_nnx_grad_gives_float32_gradients_under_nnx_jit():

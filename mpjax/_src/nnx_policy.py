@@ -182,6 +182,31 @@ def policy_of(module: nnx.Module) -> Optional[module_policy.ModulePolicy]:
   return None if record is None else record.resolved
 
 
+def policy_map_of(model: nnx.Module) -> Optional[module_policy.PolicyMap]:
+  """The `PolicyMap` `with_nnx_policy` prepared `model` with, or None.
+
+  Args:
+    model: an NNX module (the root that was passed to `with_nnx_policy`, or
+      any module under it).
+
+  Returns:
+    The `PolicyMap` last applied to `model` (a plain policy given to
+    `with_nnx_policy` is returned as the ``PolicyMap`` it became), or None
+    if `model` was never prepared.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from mpjax._src.nnx_policy import policy_map_of, with_nnx_policy
+    >>> layer = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    >>> policy_map_of(layer) is None
+    True
+    >>> policy_map_of(with_nnx_policy(layer, "mixed_bfloat16"))
+    PolicyMap('p=f32,c=bf16,o=f32', {}, islands=True, strict=False)
+  """
+  record = getattr(model, _ATTR, None)
+  return None if record is None else record.policy_map
+
+
 def _undo(model: nnx.Module) -> None:
   for module in _modules(model).values():
     record = getattr(module, _ATTR, None)
