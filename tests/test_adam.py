@@ -76,3 +76,25 @@ def test_mu_dtype_and_schedules():
 def test_bad_betas_raise(kwargs, error):
   with pytest.raises(error, match=next(iter(kwargs))):
     mpjax.adam(1e-3, **kwargs)
+
+
+def test_b1_zero_has_no_first_moment_correction_like_torch():
+  tx = mpjax.adam(0.5, b1=0.0)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  updates, state = tx.update({"w": jnp.array([3.0, -0.25])}, state)
+  # torch's Adam(betas=(0, 0.999)): lr * g / (|g| + eps) on the first step.
+  chex.assert_trees_all_close(updates, {"w": jnp.array([-0.5, 0.5])},
+                              rtol=3e-7)
+  chex.assert_trees_all_close(
+      adam_lib._one_minus_power(0.0, jnp.array([1, 7], jnp.int32)),
+      jnp.ones(2))
+  # Later steps equal optax's (whose float32 0**t is exact) up to b2's
+  # correction.
+  theirs = optax.adam(0.5, b1=0.0)
+  their_state = theirs.init(params)
+  _, their_state = theirs.update({"w": jnp.array([3.0, -0.25])}, their_state)
+  for g in ([1.0, 2.0], [-0.5, 0.125]):
+    ours, state = tx.update({"w": jnp.array(g)}, state)
+    want, their_state = theirs.update({"w": jnp.array(g)}, their_state)
+    chex.assert_trees_all_close(ours, want, rtol=5e-5)

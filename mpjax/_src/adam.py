@@ -22,6 +22,8 @@ import optax
 
 def _one_minus_power(beta: float, count: jax.Array) -> jax.Array:
   """``1 - beta**count`` in float32 without cancellation (count int32 >= 1)."""
+  if beta == 0.0:  # log(0) is undefined; 0**count is 0 for every count >= 1
+    return jnp.ones(jnp.shape(count), jnp.float32)
   return -jnp.expm1(count.astype(jnp.float32) * jnp.float32(math.log(beta)))
 
 
