@@ -357,3 +357,25 @@ def test_a_fully_masked_row_stays_finite():
       lambda q: numerics.dot_product_attention(q, k, v, mask=mask).astype(
           jnp.float32).sum())(q)
   chex.assert_tree_all_finite((out, grads))
+
+
+def test_a_fully_masked_row_with_a_minus_inf_bias_equals_flax():
+  q, k, v = qkv(F32)
+  mask = jnp.ones((2, 2, 5, 5), bool).at[:, :, 1, :].set(False)  # row 1: none
+  bias = jnp.zeros((2, 2, 5, 5)).at[:, :, 1, :].set(-jnp.inf)
+  bias = bias.at[:, :, 3, 0].set(-jnp.inf)  # an unmasked -inf: probability 0
+  ours = numerics.dot_product_attention(q, k, v, bias=bias, mask=mask)
+  chex.assert_tree_all_finite(ours)
+  chex.assert_trees_all_close(
+      ours, nn.dot_product_attention(q, k, v, bias=bias, mask=mask),
+      atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_attention_dropout_equals_flax_for_the_same_key_and_rate(broadcast):
+  q, k, v = qkv(F32)
+  kwargs = dict(dropout_rate=0.3, dropout_rng=jax.random.key(3),
+                broadcast_dropout=broadcast)
+  chex.assert_trees_all_close(
+      numerics.dot_product_attention(q, k, v, **kwargs),
+      nn.dot_product_attention(q, k, v, **kwargs), atol=1e-6, rtol=1e-6)

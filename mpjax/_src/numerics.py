@@ -419,17 +419,20 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   # Scale before the matmul, as flax does, so q stays small in float16.
   query = query / jnp.sqrt(depth).astype(dtype)
   logits = _attention_logits(query, key, precision)
-  if bias is not None:
-    logits = logits + _upcast(bias)
   if is_causal:
     q_len, kv_len = logits.shape[-2:]
     causal = jnp.tril(jnp.ones((q_len, kv_len), jnp.bool_))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
   if mask is not None:
-    # An additive bias, not jnp.where(mask, logits, min): the where keeps a
-    # float32 [..., q, kv] array for its backward pass, the sum keeps nothing.
+    # The mask replaces the bias where it is False (so a -inf bias in a fully
+    # masked row gives flax's uniform row, not NaN) and is applied as a bias,
+    # not jnp.where(mask, logits, min): that where keeps a float32
+    # [..., q, kv] array for its backward pass, the sum keeps nothing.
     # Half of float32's min: adding a finite logit can never overflow to -inf.
-    logits = logits + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min / 2)
+    masked = jnp.finfo(jnp.float32).min / 2
+    bias = jnp.where(mask, 0.0 if bias is None else _upcast(bias), masked)
+  if bias is not None:
+    logits = logits + _upcast(bias)
   probs = _softmax_to(logits, jnp.dtype(dtype))
   if module is not None:  # flax's sow_weights, a debugging aid: float32
     _sow_weights(module, jax.nn.softmax(logits, axis=-1))
