@@ -6,12 +6,6 @@ PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 
 from mpjax import numerics
 from mpjax._src.adam import adam
-from mpjax._src.fused_skip import FiniteDecision
-from mpjax._src.optimizers import AdamWState
-from mpjax._src.optimizers import SGDState
-from mpjax._src.optimizers import adamw
-from mpjax._src.optimizers import sgd
-from mpjax._src.stochastic_rounding import stochastic_round
 from mpjax._src.policy_table import PolicyRow
 from mpjax._src.policy_table import policy_table
 from mpjax._src.checkpoint import CheckpointManager
@@ -39,6 +33,7 @@ from mpjax._src.metrics_log import ProgressBar
 from mpjax._src.metrics_log import read_metrics
 from mpjax._src.metrics_log import record_from_metrics
 from mpjax._src.policy_map import PolicyMap
+from mpjax._src.nnx_apply import NNXApply
 from mpjax._src.nnx_policy import with_nnx_policy
 from mpjax._src.policy import PRESETS
 from mpjax._src.program_audit import ProgramAudit
@@ -47,12 +42,12 @@ from mpjax._src.program_audit import audit as audit_program
 from mpjax._src.program_audit import residuals
 from mpjax._src.policy import get_policy
 from mpjax._src.policy import policy_name
+from mpjax._src.policy import with_policy
 from mpjax._src.sharding import ShardingPlan
 from mpjax._src.sharding import data_parallel
 from mpjax._src.sharding import fsdp
 from mpjax._src.train_state import TrainState
 from mpjax._src.train_step import make_train_step
-from mpjax._src.train_step import with_policy
 from mpjax._src.loss_scaled import LossScaledState
 from mpjax._src.loss_scaled import current_loss_scale
 from mpjax._src.loss_scaled import finite_flags
@@ -64,15 +59,14 @@ from mpjax._src.loss_scaled import unscale_gradients
 __version__ = "0.1.0"
 
 __all__ = (
-    "AdamWState",
     "CheckpointManager",
     "DynamicScaling",
-    "FiniteDecision",
     "ForwardReport",
     "GradStats",
     "LossScaledState",
     "LossScaling",
     "MetricsWriter",
+    "NNXApply",
     "ModuleCall",
     "NoScaling",
     "NonFiniteTrainingError",
@@ -82,7 +76,6 @@ __all__ = (
     "ProgramAudit",
     "ProgressBar",
     "Residuals",
-    "SGDState",
     "ScaleCollapseWarning",
     "ShardingPlan",
     "SkipGuard",
@@ -90,7 +83,6 @@ __all__ = (
     "TensorStats",
     "TrainState",
     "adam",
-    "adamw",
     "audit_program",
     "current_loss_scale",
     "data_parallel",
@@ -115,8 +107,6 @@ __all__ = (
     "restore",
     "save",
     "scale_loss",
-    "sgd",
-    "stochastic_round",
     "unscale_gradients",
     "with_nnx_policy",
     "with_policy",

@@ -4,7 +4,7 @@ Started by tests/test_sharding.py in a subprocess (XLA_FLAGS must be set
 before jax is imported): data-parallel on (8,), FSDP on (2, 4) and a single
 device train the same model on the same batches, with float16 compute,
 dynamic loss scaling, and batches where one example, on one device's shard
-only, is inf.
+only, is inf; and a BatchNorm model whose running statistics are compared.
 """
 
 import json
@@ -17,6 +17,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
+from flax import linen as nn  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "experiments"))
@@ -114,10 +115,54 @@ def compare(policy):
   return out
 
 
+class BatchNormMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=False, momentum=0.5)(nn.Dense(64)(x))
+    return nn.Dense(10)(nn.relu(x))
+
+
+def batch_norm_compare():
+  """BatchNorm statistics of the global batch, single device and sharded."""
+  model = BatchNormMLP()
+  variables = model.init(jax.random.key(0), jnp.ones((2, FEATURES)))
+
+  def run(plan):
+    state = mpjax.TrainState.create(
+        apply_fn=model.apply, params=variables["params"],
+        model_state={"batch_stats": variables["batch_stats"]},
+        tx=mpjax.loss_scaled(optax.sgd(0.05), mpjax.NoScaling()),
+        policy="float32")
+    step = mpjax.make_train_step(seed_mlp.loss_fn, sharding=plan)
+    if plan is not None:
+      state = plan.shard_state(state)
+    for batch in batches()[:5]:
+      batch = dict(batch, x=np.nan_to_num(batch["x"], posinf=0.0))
+      state, _ = step(state, batch if plan is None else plan.shard_batch(batch))
+    return state
+
+  single = run(None)
+  out = {}
+  for name, plan in (("data_parallel_8", mpjax.data_parallel(
+      jax.make_mesh((8,), ("data",)))), ("fsdp_8", mpjax.fsdp(
+          jax.make_mesh((8,), ("fsdp",)), min_shard_elements=32))):
+    state = run(plan)
+    stats = state.model_state["batch_stats"]["BatchNorm_0"]
+    out[name] = {
+        "max_stats_diff": max(float(np.max(np.abs(np.asarray(a) - b))) for a, b
+                              in zip(jax.tree.leaves(state.model_state),
+                                     jax.tree.leaves(single.model_state))),
+        "stats_moved": float(np.max(np.abs(np.asarray(stats["mean"])))),
+        "mean_spec": str(stats["mean"].sharding.spec),
+    }
+  return out
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   print(json.dumps({"poisoned_steps": POISONED_STEPS, "steps": STEPS,
-                    **{p: compare(p) for p in ("float32", "mixed_float16")}}))
+                    **{p: compare(p) for p in ("float32", "mixed_float16")},
+                    "batch_norm": batch_norm_compare()}))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,22 @@ def test_every_loss_scale_field_and_the_key_round_trip_with_their_dtypes(
   assert restored.policy == state.policy and restored.tx is run.tx
 
 
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg", "threefry2x32"])
+def test_typed_keys_of_every_impl_round_trip_and_draw_the_same(tmp_path,
+                                                                impl):
+  run = Run()
+  state = run.fresh(rng=jax.random.key(7, impl=impl))
+  checkpoint.save(tmp_path / "ckpt", state)
+  restored = checkpoint.restore(tmp_path / "ckpt",
+                                run.fresh(rng=jax.random.key(0, impl=impl)))
+  assert str(jax.random.key_impl(restored.rng)) == str(
+      jax.random.key_impl(state.rng))
+  chex.assert_trees_all_equal(jax.random.key_data(restored.rng),
+                              jax.random.key_data(state.rng))
+  chex.assert_trees_all_equal(jax.random.normal(restored.rng, (4,)),
+                              jax.random.normal(state.rng, (4,)))
+
+
 def test_restore_into_an_abstract_like_allocates_nothing_first(tmp_path):
   run = Run()
   state = run.fresh(seed=3, rng=jax.random.key(5))

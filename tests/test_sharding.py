@@ -81,6 +81,15 @@ def test_fsdp_on_8_devices_holds_under_a_fifth_of_the_state(results):
   assert dp8 > 0.9 * single  # replicated: no saving
 
 
+@pytest.mark.parametrize("name", ["data_parallel_8", "fsdp_8"])
+def test_sharded_batch_norm_statistics_equal_single_device(results, name):
+  run = results["batch_norm"][name]
+  assert run["stats_moved"] > 1e-3  # the statistics were updated...
+  assert run["max_stats_diff"] < 1e-5, run  # ...over the global batch
+  # 64 elements >= min_shard_elements=32: FSDP shards model state too.
+  assert run["mean_spec"] == ("P('fsdp',)" if name == "fsdp_8" else "P()")
+
+
 def test_plan_rejects_bad_axes_and_batches():
   mesh = jax.make_mesh((1,), ("data",))
   with pytest.raises(ValueError, match="'model'"):
@@ -99,5 +108,9 @@ def test_leaf_spec_picks_the_largest_divisible_dimension():
   assert plan.leaf_spec((8, 32)) == jax.sharding.PartitionSpec(None, "fsdp")
   assert plan.leaf_spec((2,)) == jax.sharding.PartitionSpec()
   assert plan.leaf_spec(()) == jax.sharding.PartitionSpec()
+  # The boundary: exactly min_shard_elements is sharded, one fewer is not.
+  assert plan.leaf_spec((4,)) == jax.sharding.PartitionSpec("fsdp")
+  assert plan.leaf_spec((2, 2)) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert plan.leaf_spec((3,)) == jax.sharding.PartitionSpec()
   assert mpjax.data_parallel(jax.make_mesh((1,), ("data",))).leaf_spec(
       (1024, 1024)) == jax.sharding.PartitionSpec()

@@ -164,19 +164,6 @@ def test_plain_optimizer_works_and_float16_without_scaling_warns():
         make_state("mixed_float16", tx=optax.adam(1e-2)), tiny_batch())
 
 
-def test_loss_scaled_inside_multisteps_warns():
-  tx = optax.MultiSteps(mpjax.loss_scaled(optax.adam(1e-2),
-                                          mpjax.DynamicScaling.like_torch()),
-                        every_k_schedule=2)
-  with pytest.warns(UserWarning, match="inside optax.MultiSteps"):
-    mpjax.make_train_step(seed_mlp.loss_fn)(make_state(tx=tx), tiny_batch())
-  tx = mpjax.loss_scaled(optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
-                         mpjax.DynamicScaling.like_torch())
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    mpjax.make_train_step(seed_mlp.loss_fn)(make_state(tx=tx), tiny_batch())
-
-
 def test_train_state_round_trips_through_tree_util():
   state = make_state("mixed_float16", mpjax.DynamicScaling.like_torch(),
                      rng=jax.random.key(1))

@@ -4,10 +4,12 @@ A policy says three dtypes: the dtype the master parameters are stored in
 (`param_dtype`), the dtype the model computes in (`compute_dtype`) and the
 dtype its outputs are handed back in (`output_dtype`). mpjax uses `jmp.Policy`
 unchanged so that policies interoperate with Haiku/jmp code; this module only
-adds the presets users know from Keras and clear errors.
+adds the presets users know from Keras, clear errors, and `with_policy`,
+which runs a model under a policy.
 """
 
-from typing import Union
+import functools
+from typing import Any, Callable, Mapping, Union
 
 import jax.numpy as jnp
 import jmp
@@ -95,3 +97,71 @@ def policy_name(policy: PolicyLike) -> str:
       for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype)
   ]
   return "p={},c={},o={}".format(*names)
+
+
+def _cast_params_only(args: tuple, kwargs: dict,
+                      cast: Callable[[Any], Any]) -> tuple:
+  """Applies `cast` to ``args``/``kwargs``, but of a variables dict (the first
+  argument) only to its ``"params"``: other collections are model state
+  (BatchNorm's running statistics), which a policy never casts."""
+  if args and isinstance(args[0], Mapping) and "params" in args[0]:
+    variables = dict(args[0])
+    variables["params"] = cast(variables["params"])
+    return (variables,) + tuple(cast(tuple(args[1:]))), cast(kwargs)
+  return cast(args), cast(kwargs)
+
+
+def with_policy(apply_fn: Callable, policy: PolicyLike) -> Callable:
+  """Wraps a model's apply function to run under `policy`.
+
+  With a whole-model policy (a preset, a jmp string or a `jmp.Policy`) the
+  wrapper casts the floating leaves of every argument to
+  ``policy.compute_dtype`` (of the variables dict, its ``"params"`` only:
+  ``batch_stats`` and other collections keep their dtype) and the floating
+  leaves of the model's output to ``policy.output_dtype`` (with
+  ``mutable=``, the output only, not the updated collections). Integer
+  inputs (token ids), PRNG keys and non-array arguments pass untouched.
+  Differentiating through it with respect to float32 params gives float32
+  gradients: the casts are part of the graph.
+
+  With a `mpjax.PolicyMap` the policy is per module instead (float32
+  islands, overrides by class and path): for linen, `apply_fn` is
+  ``model.apply`` (or a function of ``(variables, ...)`` that calls it) and
+  each module casts at its own boundary; for NNX, `apply_fn` calls a model
+  prepared with ``mpjax.with_nnx_policy(model, policy_map)`` (as
+  `mpjax.TrainState.from_nnx` does).
+
+  Args:
+    apply_fn: e.g. ``model.apply``.
+    policy: a preset name, a jmp policy string, a `jmp.Policy` or a
+      `PolicyMap`.
+
+  Returns:
+    A function with the signature of `apply_fn`.
+
+  Examples:
+    >>> import jax.numpy as jnp, flax.linen as nn, mpjax
+    >>> model = nn.Dense(2)
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> apply = mpjax.with_policy(model.apply, "mixed_bfloat16")
+    >>> apply(variables, jnp.ones((1, 3))).dtype
+    dtype('float32')
+  """
+  # Local import: the per-module machinery imports this module.
+  from mpjax._src import linen_policy  # pylint: disable=g-import-not-at-top
+  from mpjax._src import policy_map  # pylint: disable=g-import-not-at-top
+  if isinstance(policy, policy_map.PolicyMap):
+    return linen_policy.with_policy_map(apply_fn, policy)
+  policy = get_policy(policy)
+
+  @functools.wraps(apply_fn)
+  def apply(*args, **kwargs):
+    args, kwargs = _cast_params_only(args, kwargs,
+                                     policy.cast_to_compute)
+    out = apply_fn(*args, **kwargs)
+    if kwargs.get("mutable", False) is not False:
+      model_out, collections = out
+      return policy.cast_to_output(model_out), collections
+    return policy.cast_to_output(out)
+
+  return apply

@@ -1,8 +1,7 @@
 """`make_train_step`: a jit-compiled mixed-precision Flax train step."""
 
-import functools
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +9,7 @@ import numpy as np
 import optax
 
 from mpjax._src import grad_stats as grad_stats_lib
-from mpjax._src import linen_policy
-from mpjax._src import policy_map as module_policy
+from mpjax._src import model_state as model_state_lib
 from mpjax._src import policy as policy_lib
 from mpjax._src import sharding as sharding_lib
 from mpjax._src import train_state as train_state_lib
@@ -20,46 +18,11 @@ from mpjax._src import loss_scaled as loss_scaled_lib
 LossFn = Callable[..., Any]
 
 
-def with_policy(apply_fn: Callable, policy: policy_lib.PolicyLike) -> Callable:
-  """Wraps a model's apply function to run under a whole-model `policy`.
-
-  The wrapper casts the floating leaves of every argument (the variables dict
-  included) to ``policy.compute_dtype`` and the floating leaves of the result
-  to ``policy.output_dtype``. Integer inputs (token ids), PRNG keys and
-  non-array arguments pass untouched. Differentiating through it with respect
-  to float32 params gives float32 gradients: the casts are part of the graph.
-
-  With a `mpjax.PolicyMap` the policy is per module instead (float32
-  islands, overrides by class and path): for linen, `apply_fn` is
-  ``model.apply`` (or a function of ``(variables, ...)`` that calls it) and
-  each module casts at its own boundary; for NNX, `apply_fn` calls a model
-  prepared with ``mpjax.with_nnx_policy(model, policy_map)``. See
-  `mpjax._src.linen_policy.with_policy_map`.
-
-  Args:
-    apply_fn: e.g. ``model.apply``.
-    policy: a preset name, a jmp policy string, a `jmp.Policy` or a
-      `PolicyMap`.
-
-  Returns:
-    A function with the signature of `apply_fn`.
-  """
-  if isinstance(policy, module_policy.PolicyMap):
-    return linen_policy.with_policy_map(apply_fn, policy)
-  policy = policy_lib.get_policy(policy)
-
-  @functools.wraps(apply_fn)
-  def apply(*args, **kwargs):
-    args, kwargs = policy.cast_to_compute((args, kwargs))
-    return policy.cast_to_output(apply_fn(*args, **kwargs))
-
-  return apply
-
-
 def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
                     donate: bool = True, attribution: bool = False,
                     grad_stats_every: int = 0, grad_stats_dtype: Any = None,
-                    sharding: Optional[sharding_lib.ShardingPlan] = None
+                    sharding: Optional[sharding_lib.ShardingPlan] = None,
+                    compiler_options: Optional[Mapping[str, Any]] = None
                     ) -> Callable:
   """Returns a jit-compiled ``step(state, batch) -> (state, metrics)``.
 
@@ -69,7 +32,12 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
     weight decay or anything else that should stay in float32);
   - ``apply_fn`` is ``with_policy(state.apply_fn, state.policy)``: it casts the
     params and inputs to the compute dtype and the model's output to the
-    output dtype;
+    output dtype. Call it with ``{"params": params}``: when the state has a
+    ``model_state`` (BatchNorm's ``batch_stats``, NNX RNG counts), each call
+    adds its collections to the variables and marks them mutable, and what
+    the forward pass writes becomes the new state's ``model_state`` (see
+    `mpjax.TrainState`); the call returns the model's output alone, as
+    without state. A skipped step keeps the old model state;
   - ``rng`` is ``jax.random.fold_in(state.rng, state.step)``, or None when the
     state has no key.
 
@@ -111,6 +79,9 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
       the state and batch as input and output shardings, metrics replicated.
       Place the state with ``plan.shard_state`` first. The skip decision and
       the loss-scale update are global across devices and hosts.
+    compiler_options: XLA options for this step's compilation, passed to
+      ``jax.jit(..., compiler_options=...)``, e.g.
+      ``{"xla_allow_excess_precision": False}``.
 
   Returns:
     The jit-compiled step.
@@ -139,14 +110,8 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
           "mpjax.TrainState.create(..., policy='mixed_bfloat16').")
     scaled_states = loss_scaled_lib.find_loss_scaled_states(state.opt_state)
     if scaled_states:
+      # Raises when loss_scaled is not the outermost transformation.
       scale = loss_scaled_lib.loss_scale_state(state.opt_state).scale
-      if loss_scaled_lib.loss_scaled_inside_multisteps(state.opt_state):
-        warnings.warn(
-            "mpjax.loss_scaled is inside optax.MultiSteps: one non-finite "
-            "micro-batch will poison every later accumulation window (MultiSteps "
-            "resets its accumulator as acc * 0 and inf * 0 is NaN). Use "
-            "mpjax.loss_scaled(optax.MultiSteps(inner, k), scaling) instead.",
-            stacklevel=2)
     else:
       scale = jnp.ones([], jnp.float32)
       if jnp.dtype(policy.compute_dtype) == jnp.float16:
@@ -155,12 +120,17 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
             "without loss scaling: small gradients underflow to zero in "
             "float16. Wrap the optimizer: mpjax.loss_scaled(tx, "
             "mpjax.DynamicScaling.like_torch()).", stacklevel=2)
-    apply_fn = with_policy(state.apply_fn, policy)
+    apply_fn = policy_lib.with_policy(state.apply_fn, policy)
     rng = None if state.rng is None else jax.random.fold_in(state.rng,
                                                             state.step)
 
     def scaled_loss_fn(params):
-      out = loss_fn(params, batch, apply_fn, rng)
+      thread = None
+      model_apply = apply_fn
+      if state.model_state is not None:
+        thread = model_state_lib.ModelStateThread(apply_fn, state.model_state)
+        model_apply = thread
+      out = loss_fn(params, batch, model_apply, rng)
       loss, aux = out if has_aux else (out, None)
       loss = jnp.asarray(loss)
       if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
@@ -168,9 +138,12 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
             "make_train_step: loss_fn must return a floating scalar loss, got "
             f"shape {loss.shape} dtype {loss.dtype}.")
       loss = loss.astype(jnp.float32)
-      return loss * scale, (loss, aux)
+      written = None if thread is None else model_state_lib.conform(
+          thread.updated, state.model_state)
+      return loss * scale, (loss, aux, written)
 
-    grads, (loss, aux) = jax.grad(scaled_loss_fn, has_aux=True)(state.params)
+    grads, (loss, aux, written) = jax.grad(scaled_loss_fn,
+                                           has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads)
     unscaled = loss_scaled_lib.unscale_gradients(grads, scale)
     if scaled_states:
@@ -184,6 +157,11 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
       grads_finite = jnp.all(leaf_finite)
       skipped = jnp.zeros([], jnp.int32)
       consecutive = jnp.zeros([], jnp.int32)
+    if written is not None:
+      # Without loss_scaled no step is skipped, whatever the gradients.
+      kept = grads_finite if scaled_states else jnp.array(True)
+      new_state = new_state.replace(model_state=model_state_lib.keep_if(
+          kept, written, state.model_state))
     metrics = {
         "loss": loss,
         "loss_scale": scale,
@@ -206,12 +184,19 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
     return new_state, metrics
 
   donate_argnums = (0,) if donate else ()
+  if compiler_options is not None and not isinstance(compiler_options,
+                                                     Mapping):
+    raise TypeError("make_train_step: compiler_options must be a dict of XLA "
+                    f"options, got {compiler_options!r}.")
+  jit_options = dict(donate_argnums=donate_argnums,
+                     compiler_options=None if compiler_options is None
+                     else dict(compiler_options))
   if sharding is None:
-    return jax.jit(step, donate_argnums=donate_argnums)
+    return jax.jit(step, **jit_options)
   if not isinstance(sharding, sharding_lib.ShardingPlan):
     raise TypeError("make_train_step: sharding must be an mpjax.ShardingPlan "
                     f"(mpjax.data_parallel / mpjax.fsdp), got {sharding!r}.")
-  return _ShardedStep(step, sharding, donate_argnums)
+  return _ShardedStep(step, sharding, jit_options)
 
 
 class _ShardedStep:
@@ -223,8 +208,8 @@ class _ShardedStep:
   """
 
   def __init__(self, step: Callable, plan: sharding_lib.ShardingPlan,
-               donate_argnums: Tuple[int, ...]):
-    self._step, self._plan, self._donate = step, plan, donate_argnums
+               jit_options: Dict[str, Any]):
+    self._step, self._plan, self._jit_options = step, plan, jit_options
     self._jitted = {}
 
   def _for(self, state, batch):
@@ -237,7 +222,7 @@ class _ShardedStep:
           self._step,
           in_shardings=(state_shardings, self._plan.batch_shardings(batch)),
           out_shardings=(state_shardings, self._plan.replicated),
-          donate_argnums=self._donate)
+          **self._jit_options)
     return self._jitted[key]
 
   def __call__(self, state, batch):

@@ -1,0 +1,101 @@
+"""Model state through the train step: BatchNorm statistics, NNX RNG counts.
+
+A model's non-param collections (``model_state``, see `mpjax.TrainState`)
+are read and written by the forward pass. `ModelStateThread` hands them to
+every call of the model inside ``loss_fn`` and keeps what the call wrote, so
+``loss_fn`` is written as for a model without state; `conform` checks that
+the written state has the old one's structure and gives it the old dtypes
+(a policy's casts never reach it, and a step that changed a dtype would
+compile again); `keep_if` selects between the new and the old state, so a
+skipped step leaves it bit-identical.
+"""
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+class ModelStateThread:
+  """``apply(variables, *args, **kwargs)`` with the model state threaded in.
+
+  Each call adds the latest model state's collections to ``variables`` (they
+  replace collections of the same name given there) and marks them mutable;
+  the collections the call returns become the latest state, which the next
+  call reads, and `updated` after the last. The call returns what the model
+  returns, as if ``mutable`` had not been touched: the output alone, or
+  ``(output, collections)`` for the collections the caller itself named in
+  ``mutable=`` (all of them for ``mutable=True``).
+
+  Args:
+    apply_fn: ``apply(variables, *args, mutable=..., **kwargs)`` with linen's
+      ``mutable`` semantics (``model.apply``, `mpjax.NNXApply`, either under
+      `mpjax.with_policy`).
+    model_state: the dict of collections.
+  """
+
+  def __init__(self, apply_fn: Callable, model_state: Mapping[str, Any]):
+    self._apply_fn = apply_fn
+    self.updated = dict(model_state)
+
+  def __call__(self, variables: Mapping[str, Any], *args,
+               mutable: Any = False, **kwargs) -> Any:
+    names = list(self.updated)
+    if mutable is True:
+      asked = True
+    elif mutable is False:
+      asked = []
+    else:
+      asked = [mutable] if isinstance(mutable, str) else list(mutable)
+    variables = {**variables, **self.updated}
+    out, written = self._apply_fn(
+        variables, *args,
+        mutable=True if asked is True else sorted(set(names) | set(asked)),
+        **kwargs)
+    self.updated.update({k: v for k, v in written.items() if k in names})
+    if asked is True:
+      return out, written
+    if asked:
+      return out, {k: v for k, v in written.items() if k in asked}
+    return out
+
+
+def _describe(tree: Any) -> str:
+  return str(jax.tree.map(lambda x: f"{jnp.dtype(x.dtype).name}{list(x.shape)}",
+                          tree))
+
+
+def conform(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict:
+  """`new` with `old`'s tree structure checked and its dtypes restored.
+
+  Raises:
+    ValueError: naming the collection whose structure or shapes changed.
+  """
+  new = dict(new)
+  for name, old_tree in old.items():
+    new_tree = new[name]
+    if jax.tree.structure(new_tree) != jax.tree.structure(old_tree) or any(
+        jnp.shape(a) != jnp.shape(b) for a, b in zip(
+            jax.tree.leaves(new_tree), jax.tree.leaves(old_tree))):
+      raise ValueError(
+          f"make_train_step: the forward pass changed the structure or shapes "
+          f"of the model state's {name!r} collection, from "
+          f"{_describe(old_tree)} to {_describe(new_tree)}; create the state "
+          "with the collections the model writes (model.init's).")
+    new[name] = jax.tree.map(
+        lambda a, b: a if a.dtype == b.dtype else a.astype(b.dtype),
+        new_tree, old_tree)
+  return new
+
+
+def keep_if(apply: jax.Array, new: Optional[Mapping[str, Any]],
+            old: Optional[Mapping[str, Any]]) -> Optional[dict]:
+  """`new` where the bool scalar `apply` is true, else `old`, leaf by leaf.
+
+  A select, not a ``lax.cond`` (whose predicate a GPU reads on the host);
+  PRNG key leaves are selected too.
+  """
+  if old is None:
+    return None
+  return jax.tree.map(lambda a, b: jax.lax.select(apply, a, b), dict(new),
+                      dict(old))
