@@ -6,6 +6,12 @@ PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 
 from mpjax import numerics
 from mpjax._src.adam import adam
+from mpjax._src.fused_skip import FiniteDecision
+from mpjax._src.optimizers import AdamWState
+from mpjax._src.optimizers import SGDState
+from mpjax._src.optimizers import adamw
+from mpjax._src.optimizers import sgd
+from mpjax._src.stochastic_rounding import stochastic_round
 from mpjax._src.policy_table import PolicyRow
 from mpjax._src.policy_table import policy_table
 from mpjax._src.checkpoint import CheckpointManager
@@ -59,8 +65,10 @@ from mpjax._src.loss_scaled import unscale_gradients
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdamWState",
     "CheckpointManager",
     "DynamicScaling",
+    "FiniteDecision",
     "ForwardReport",
     "GradStats",
     "LossScaledState",
@@ -76,6 +84,7 @@ __all__ = (
     "ProgramAudit",
     "ProgressBar",
     "Residuals",
+    "SGDState",
     "ScaleCollapseWarning",
     "ShardingPlan",
     "SkipGuard",
@@ -83,6 +92,7 @@ __all__ = (
     "TensorStats",
     "TrainState",
     "adam",
+    "adamw",
     "audit_program",
     "current_loss_scale",
     "data_parallel",
@@ -107,6 +117,8 @@ __all__ = (
     "restore",
     "save",
     "scale_loss",
+    "sgd",
+    "stochastic_round",
     "unscale_gradients",
     "with_nnx_policy",
     "with_policy",
