@@ -138,42 +138,36 @@ def test_clip_inside_sees_unscaled_gradients():
   chex.assert_trees_all_close(updates, grads_like(params, -0.1), rtol=1e-6)
 
 
-def test_composes_with_chain_and_is_found_there():
+def test_loss_scaled_inside_a_chain_raises_with_the_fix():
   params = make_params()
-  tx = optax.chain(optax.add_decayed_weights(0.0),
-                   mpjax.loss_scaled(optax.adam(1e-2),
-                                     mpjax.StaticScaling(64.0)))
-  state = tx.init(params)
+  scaled = mpjax.loss_scaled(optax.adam(1e-2), mpjax.StaticScaling(64.0))
+  for tx in (optax.chain(optax.add_decayed_weights(0.1), scaled),
+             optax.chain(scaled, optax.scale(2.0))):
+    state = tx.init(params)
+    for use in (mpjax.current_loss_scale, mpjax.loss_scale_state,
+                lambda s: mpjax.scale_loss(1.0, s)):
+      with pytest.raises(ValueError, match=r"outermost(.|\n)*inside "
+                         r"optax.chain of 2(.|\n)*mpjax.loss_scaled\("
+                         r"optax.chain\(\.\.\.\), scaling\)"):
+        use(state)
+  # A chain of one transformation around it changes nothing.
+  state = optax.chain(optax.chain(scaled)).init(params)
   assert float(mpjax.current_loss_scale(state)) == 64.0
-  chex.assert_trees_all_close(mpjax.scale_loss(jnp.float16(1.5), state),
-                              jnp.float32(96.0))
   chex.assert_type(mpjax.scale_loss(jnp.float16(1.5), state), jnp.float32)
-  updates, state = jax.jit(tx.update)(poisoned(grads_like(params, 1.0)),
-                                      state, params)
-  chex.assert_trees_all_equal(updates, grads_like(params, 0.0))
 
 
-def test_multisteps_around_loss_scaled_accumulates_scaled_gradients():
+def test_multisteps_around_loss_scaled_raises_with_the_fix():
   params = make_params()
   tx = optax.MultiSteps(mpjax.loss_scaled(optax.sgd(1.0),
                                           mpjax.StaticScaling(4.0)),
                         every_k_schedule=2)
-  state = tx.init(params)
-  assert float(mpjax.current_loss_scale(state)) == 4.0
-  u1, state = tx.update(grads_like(params, 4.0), state, params)
-  chex.assert_trees_all_equal(u1, grads_like(params, 0.0))
-  u2, state = tx.update(grads_like(params, 12.0), state, params)
-  # Mean of the scaled gradients (8) unscaled by 4, times -lr.
-  chex.assert_trees_all_close(u2, grads_like(params, -2.0))
-  # A non-finite micro-batch makes its whole window a skipped step. (Later
-  # windows stay poisoned: MultiSteps resets its accumulator as acc * 0, and
-  # inf * 0 is NaN. Hence loss_scaled goes outside MultiSteps; next test.)
-  _, state = tx.update(poisoned(grads_like(params, 4.0)), state, params)
-  u4, state = tx.update(grads_like(params, 4.0), state, params)
-  chex.assert_trees_all_equal(u4, grads_like(params, 0.0))
-  scaled_state = mpjax.loss_scale_state(state)
-  assert (int(scaled_state.applied_steps),
-          int(scaled_state.skipped_steps)) == (1, 1)
+  with pytest.raises(ValueError, match=r"inside optax.MultiSteps(.|\n)*"
+                     r"mpjax.loss_scaled\(optax.MultiSteps\(inner, k\)"):
+    mpjax.current_loss_scale(tx.init(params))
+  train_state = mpjax.TrainState.create(apply_fn=lambda v, x: x,
+                                        params=params, tx=optax.sgd(1.0))
+  with pytest.raises(ValueError, match="inside optax.MultiSteps"):
+    mpjax.loss_scale_state(train_state.replace(opt_state=tx.init(params)))
 
 
 def test_loss_scaled_around_multisteps_drops_only_the_bad_micro_batch():
@@ -195,24 +189,21 @@ def test_loss_scaled_around_multisteps_drops_only_the_bad_micro_batch():
   assert int(mpjax.loss_scale_state(state).skipped_steps) == 1
 
 
-def test_composes_with_inject_hyperparams_inside_and_outside():
+def test_inject_hyperparams_goes_inside_and_raises_outside():
   params = make_params()
   inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
   tx = mpjax.loss_scaled(inner, mpjax.StaticScaling(2.0))
   state = tx.init(params)
-  updates, state = tx.update(grads_like(params, 2.0), state, params)
+  updates, state = jax.jit(tx.update)(grads_like(params, 2.0), state, params)
   chex.assert_trees_all_close(updates, grads_like(params, -0.5))
 
   outer = optax.inject_hyperparams(
       lambda learning_rate: mpjax.loss_scaled(optax.sgd(learning_rate),
                                               mpjax.StaticScaling(8.0)))(
                                                   learning_rate=0.25)
-  state = outer.init(params)
-  assert float(mpjax.current_loss_scale(state)) == 8.0
-  state.hyperparams["learning_rate"] = jnp.asarray(1.0)
-  updates, state = jax.jit(outer.update)(grads_like(params, 8.0), state,
-                                         params)
-  chex.assert_trees_all_close(updates, grads_like(params, -1.0))
+  with pytest.raises(ValueError, match=r"inside optax.inject_hyperparams(.|"
+                     r"\n)*counts? skipped steps"):
+    mpjax.current_loss_scale(outer.init(params))
 
 
 def test_current_loss_scale_finds_the_state_in_a_train_state():
@@ -322,3 +313,191 @@ def test_finite_flags_packs_one_flag_per_leaf_in_tree_order():
   chex.assert_type(flags, jnp.bool_)
   assert flags.tolist() == [True, False, False, True]  # a, b, h, n
   chex.assert_shape(mpjax.finite_flags({}), (0,))
+
+
+def dtypes(tree):
+  return jax.tree.map(lambda x: x.dtype, tree)
+
+
+SIXTEEN_BIT_INNERS = {
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    "sgd_momentum": lambda: optax.sgd(1e-2, momentum=0.9),
+    "lion": lambda: optax.lion(1e-3),
+    "chain_clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                                           optax.adam(1e-2)),
+    "mpjax_adam": lambda: mpjax.adam(1e-2),
+    "adam_float32_mu": lambda: optax.adam(1e-2, mu_dtype=jnp.float32),
+    "multisteps_adam": lambda: optax.MultiSteps(optax.adam(1e-2), 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", sorted(SIXTEEN_BIT_INNERS))
+def test_16_bit_params_keep_their_update_and_state_dtypes(name, dtype):
+  params = jax.tree.map(lambda p: p.astype(dtype), make_params())
+  tx = mpjax.loss_scaled(SIXTEEN_BIT_INNERS[name](), mpjax.DynamicScaling(
+      initial_scale=2.0**8, growth_interval=2))
+  state = tx.init(params)
+  want = dtypes(state)
+  update = jax.jit(tx.update)
+  start = params
+  for bad in (False, False, True, False):
+    grads = grads_like(params, 2.0**6, dtype)  # what jax.grad gives: 16-bit
+    before = state.inner_state
+    updates, state = update(poisoned(grads) if bad else grads, state, params)
+    assert dtypes(state) == want
+    assert dtypes(updates) == dtypes(params)
+    if bad:
+      chex.assert_trees_all_equal(state.inner_state, before)
+      chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like,
+                                                        params))
+    params = optax.apply_updates(params, updates)
+  assert dtypes(params) == dtypes(start)
+  assert int(state.applied_steps) == 3
+  assert not np.allclose(params["dense"]["kernel"], start["dense"]["kernel"])
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16"])
+def test_train_step_trains_16_bit_params_with_adam(policy):
+  def loss_fn(params, batch, apply_fn, rng):
+    del rng
+    return jnp.mean((apply_fn(params, batch["x"]) - batch["y"]) ** 2)
+
+  tx = mpjax.loss_scaled(optax.adam(1e-2), mpjax.DynamicScaling(
+      initial_scale=2.0**10, growth_interval=2))
+  state = mpjax.TrainState.create(
+      apply_fn=lambda p, x: x @ p["w"] + p["b"],
+      params={"w": jnp.full((3, 2), 0.5), "b": jnp.zeros(2)}, tx=tx,
+      policy=policy)
+  want = dtypes((state.params, state.opt_state))
+  assert want[0]["w"] == jnp.dtype(policy)
+  step = mpjax.make_train_step(loss_fn, donate=False)
+  batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((4, 2))}
+  losses = []
+  for x in (batch["x"], batch["x"], batch["x"].at[0, 0].set(jnp.inf),
+            batch["x"]):
+    before = state.params
+    state, metrics = step(state, dict(batch, x=x))
+    losses.append(float(metrics["loss"]))
+    assert dtypes((state.params, state.opt_state)) == want
+    if not bool(metrics["grads_finite"]):
+      chex.assert_trees_all_equal(state.params, before)
+  assert int(mpjax.loss_scale_state(state).applied_steps) == 3
+  assert losses[3] < losses[0]
+
+
+def test_growth_counts_optimizer_steps_under_multisteps():
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.MultiSteps(optax.sgd(1.0), every_k_schedule=4),
+                         mpjax.DynamicScaling(initial_scale=4.0,
+                                              growth_interval=2))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  scales, counts = [], []
+  for _ in range(16):  # four windows of four finite micro-batches, true g = 1
+    updates, state = update(grads_like(params, float(state.scale)), state,
+                            params)
+    scales.append(float(state.scale))
+    counts.append(int(state.growth_count))
+  # The scale grows after the second window, not the second micro-batch.
+  assert scales == [4.0] * 7 + [8.0] * 8 + [16.0]
+  assert counts == ([0] * 3 + [1] * 4 + [0]) * 2
+  chex.assert_trees_all_close(updates, grads_like(params, -1.0))
+
+
+def test_non_finite_micro_batch_backs_off_at_once_and_is_dropped_alone():
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.MultiSteps(optax.sgd(1.0), every_k_schedule=3),
+                         mpjax.DynamicScaling(initial_scale=8.0,
+                                              growth_interval=1))
+  state = tx.init(params)
+  seen = []
+  for true_g, bad in ((1.0, False), (5.0, True), (2.0, False), (3.0, False)):
+    scale = float(state.scale)
+    grads = grads_like(params, true_g * scale)
+    updates, state = tx.update(poisoned(grads) if bad else grads, state,
+                               params)
+    seen.append((float(state.scale), int(state.inner_state.mini_step)))
+  # Backed off at the bad micro-batch, which did not move MultiSteps; the
+  # window then completed with three finite ones and the scale grew.
+  assert seen == [(8.0, 1), (4.0, 1), (4.0, 2), (8.0, 0)]
+  chex.assert_trees_all_close(updates, grads_like(params, -2.0))  # mean 1,2,3
+  assert (int(state.applied_steps), int(state.skipped_steps)) == (3, 1)
+
+
+def test_unscales_with_the_scale_of_the_step_not_the_grown_one():
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.sgd(1.0), mpjax.DynamicScaling(
+      initial_scale=4.0, growth_interval=1))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(4):  # the scale grows on every step
+    scale = float(mpjax.current_loss_scale(state))
+    updates, state = update(grads_like(params, 0.5 * scale), state, params)
+    chex.assert_trees_all_equal(updates, grads_like(params, -0.5))
+    assert float(state.scale) == 2 * scale
+
+
+def test_counters_saturate_at_the_int32_maximum():
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.sgd(1.0), mpjax.StaticScaling(2.0))
+  top = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+  state = tx.init(params)._replace(applied_steps=top, skipped_steps=top,
+                                   consecutive_skips=top)
+  update = jax.jit(tx.update)
+  _, applied = update(grads_like(params, 1.0), state, params)
+  _, skipped = update(poisoned(grads_like(params, 1.0)), state, params)
+  for counter in (applied.applied_steps, skipped.skipped_steps,
+                  skipped.consecutive_skips):
+    chex.assert_trees_all_equal(counter, top)
+  assert int(applied.consecutive_skips) == 0
+
+
+def test_complex_gradients_are_unscaled():
+  params = {"z": jnp.ones(2, jnp.complex64)}
+  tx = mpjax.loss_scaled(optax.sgd(1.0), mpjax.StaticScaling(4.0))
+  grads = {"z": jnp.array([4.0 + 8.0j, -4.0j], jnp.complex64)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  chex.assert_trees_all_equal(
+      updates, {"z": jnp.array([-1.0 - 2.0j, 1.0j], jnp.complex64)})
+
+
+def _without_bias(grads):
+  return {"dense": {"kernel": grads["dense"]["kernel"]}}
+
+
+def _wide_bias(grads):
+  return {"dense": dict(grads["dense"], bias=jnp.ones(4))}
+
+
+def _int_kernel(grads):
+  return {"dense": dict(grads["dense"],
+                        kernel=jnp.ones((2, 3), jnp.int32))}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("bend, error, message", [
+    (_without_bias, ValueError, r"params' structure.*missing.*'dense/bias'"),
+    (_wide_bias, ValueError, r"'dense/bias' has shape \(4,\), its param has "
+     r"shape \(3,\)"),
+    (_int_kernel, TypeError, r"'dense/kernel' has dtype int32; gradients "
+     r"must be floating or complex"),
+])
+def test_bad_gradients_raise_naming_the_leaf(bend, error, message, jit):
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.adam(1e-3), mpjax.StaticScaling(2.0))
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(error, match=message):
+    update(bend(grads_like(params, 1.0)), tx.init(params), params)
+
+
+def test_a_state_that_is_not_loss_scaled_raises_naming_its_type():
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.adam(1e-3), mpjax.StaticScaling(2.0))
+  with pytest.raises(TypeError, match=r"expects the mpjax.LossScaledState.*"
+                     "got tuple"):
+    tx.update(grads_like(params, 1.0), optax.adam(1e-3).init(params), params)
+  with pytest.raises(TypeError, match="It contains one"):
+    tx.update(grads_like(params, 1.0), (tx.init(params),), params)

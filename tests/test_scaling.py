@@ -78,6 +78,21 @@ def test_random_pattern_matches_reference(seed, jit):
   assert run(config, pattern, jit=jit) == reference_trajectory(config, pattern)
 
 
+def test_only_completed_optimizer_steps_count_towards_growth():
+  config = mpjax.DynamicScaling(initial_scale=4.0, growth_interval=2)
+  adjust = jax.jit(config.adjust)
+  scale, count = config.init()
+  seen = []
+  # (finite, stepped): micro-batches of windows of two, one bad in window 3.
+  for finite, stepped in ((True, False), (True, True), (True, False),
+                          (True, True), (True, False), (False, False),
+                          (True, True)):
+    scale, count = adjust(scale, count, jnp.array(finite), jnp.array(stepped))
+    seen.append((float(scale), int(count)))
+  assert seen == [(4.0, 0), (4.0, 1), (4.0, 1), (8.0, 0), (8.0, 0),
+                  (4.0, 0), (4.0, 1)]
+
+
 def test_never_grows_to_inf():
   config = mpjax.DynamicScaling(initial_scale=2.0**127, growth_interval=1)
   scales, _ = run(config, [True] * 5, jit=True)

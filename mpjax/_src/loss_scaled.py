@@ -16,11 +16,16 @@ class LossScaledState(NamedTuple):
 
   Attributes:
     scale: float32 [], the scale the *next* loss must be multiplied by.
-    growth_count: int32 [], consecutive finite steps since the scale last
-      changed (see `DynamicScaling`).
-    applied_steps: int32 [], steps whose update was applied (saturates).
-    skipped_steps: int32 [], steps skipped for non-finite gradients (saturates).
-    consecutive_skips: int32 [], skipped steps since the last applied one.
+    growth_count: int32 [], consecutive finite optimizer steps since the
+      scale last changed (see `DynamicScaling`; under ``optax.MultiSteps`` a
+      window counts once, when it completes).
+    applied_steps: int32 [], updates whose gradients were finite and went to
+      the inner transformation (micro-batches under ``optax.MultiSteps``;
+      saturates at the int32 maximum).
+    skipped_steps: int32 [], updates dropped for non-finite gradients
+      (saturates).
+    consecutive_skips: int32 [], skipped updates since the last applied one
+      (saturates).
     last_grads_finite: bool [], whether the last step's gradients were finite.
     leaf_grads_finite: bool [num_leaves], `finite_flags` of the last step's
       gradients, in `jax.tree.leaves(params)` order: the per-leaf stage of
@@ -42,22 +47,27 @@ class LossScaledState(NamedTuple):
 
 
 def unscale_gradients(grads: chex.ArrayTree, scale: chex.Array) -> chex.ArrayTree:
-  """Divides every floating leaf by `scale`, computing in at least float32.
+  """Divides every floating or complex leaf by `scale`, in at least float32.
 
   Args:
-    grads: gradients of a scaled loss, any floating dtypes (float16 leaves are
-      upcast first so that the division itself cannot overflow or underflow
-      in float16). Non-floating leaves (e.g. float0) pass through.
+    grads: gradients of a scaled loss, any floating or complex dtypes
+      (float16 leaves are upcast first so that the division itself cannot
+      overflow or underflow in float16). Other leaves (e.g. float0) pass
+      through.
     scale: float32 scalar.
 
   Returns:
-    The unscaled gradients, float32 (float64 leaves stay float64).
+    The unscaled gradients, float32 (float64 leaves stay float64, complex64
+    leaves complex64, complex128 leaves complex128).
   """
+  scale = jnp.asarray(scale)
+
   def unscale(g):
-    if not jnp.issubdtype(g.dtype, jnp.floating):
+    if not jnp.issubdtype(g.dtype, jnp.inexact):
       return g
     dtype = jnp.promote_types(g.dtype, jnp.float32)
-    return g.astype(dtype) / scale.astype(dtype)
+    # A real divisor: a complex leaf's real and imaginary parts both divide.
+    return g.astype(dtype) / scale.astype(jnp.finfo(dtype).dtype)
 
   return jax.tree.map(unscale, grads)
 
@@ -91,19 +101,49 @@ def loss_scaled(inner: optax.GradientTransformation,
 
   1. unscales the gradients in float32 with that same scale;
   2. decides once, over all leaves, whether they are all finite;
-  3. finite: runs `inner` on the unscaled gradients (so a
+  3. finite: runs `inner` on the unscaled float32 gradients (so a
      `clip_by_global_norm` inside `inner` sees the true gradients);
      non-finite: returns zero updates and the inner state bit-identical (an
      Adam count, mu and nu do not move);
   4. adjusts the scale with `scaling` (see `DynamicScaling`).
 
+  Dtypes: the updates are in the params' dtypes (when `params` is given) and
+  every leaf of the inner state keeps the dtype it had, so 16-bit params and
+  16-bit optimizer state stay 16-bit (the inner optimizer computes from the
+  float32 gradients; only what it stores is rounded).
+
   Everything is `jnp`: no host sync, one compilation. The decision in step 3 is
   a select, not a `lax.cond`: on GPU a conditional reads its predicate on the
-  host, a select fuses into the update kernels.
+  host, a select fuses into the update kernels. The argument checks (tree
+  structure, shapes, dtypes) are static: they run once, at trace time.
 
   `optax.apply_if_finite` is not reused: it applies non-finite updates after
   `max_consecutive_errors` skips, and it does not hand back the finiteness
   decision, which the loss scale needs.
+
+  **Placement.** `loss_scaled` must be the outermost transformation: a
+  transformation chained before it would see scaled gradients, one after it
+  would move the params on skipped steps, and a schedule outside it
+  (``optax.inject_hyperparams``, ``optax.MultiSteps``) would count skipped
+  steps. Put everything inside: ``loss_scaled(optax.chain(clip, adam),
+  scaling)``. `loss_scale_state` (and so `scale_loss`, `current_loss_scale`,
+  `mpjax.TrainState.create` and `mpjax.make_train_step`) raises a
+  `ValueError` naming the enclosing transformation otherwise.
+
+  **Gradient accumulation** goes inside as well:
+  ``loss_scaled(optax.MultiSteps(inner, k), scaling)``. Each micro-batch is
+  unscaled with the scale its loss was multiplied by and checked on its own.
+  The scale follows optimizer steps, as torch's does (``scaler.update()`` once
+  per optimizer step): while a window's micro-batches are finite the scale
+  stays constant, and the growth counter advances once, when the window
+  completes (MultiSteps emits its update). A non-finite micro-batch backs the
+  scale off at once and is dropped alone: MultiSteps' state does not move,
+  so the window still averages k finite micro-batches (it completes one call
+  later). torch instead skips the whole window, because the inf sits in the
+  gradients it accumulated; here each micro-batch is checked before it is
+  accumulated, so the k - 1 good ones need not be thrown away, and the
+  backoff is as prompt as torch's. `applied_steps` and `skipped_steps` count
+  micro-batches.
 
   Args:
     inner: the optimizer to wrap (any `optax.GradientTransformation`; extra
@@ -112,13 +152,13 @@ def loss_scaled(inner: optax.GradientTransformation,
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
-    `LossScaledState`. It composes with `optax.chain`, `optax.MultiSteps` and
-    `optax.inject_hyperparams`. With gradient accumulation put it *outside*:
-    ``loss_scaled(optax.MultiSteps(adam, k), scaling)`` unscales each
-    micro-batch and drops only the non-finite ones. Inside
-    ``optax.MultiSteps`` one non-finite micro-batch skips its window and then
-    poisons every later one: MultiSteps resets its accumulator by multiplying
-    it by 0, and ``inf * 0`` is NaN.
+    `LossScaledState`.
+
+  Raises (from `update`, at trace time):
+    TypeError: `state` is not a `LossScaledState`, or a gradient leaf is not
+      floating or complex (float0 passes).
+    ValueError: the gradients' tree or a leaf's shape differs from the
+      params'.
 
   Examples:
     >>> import jax.numpy as jnp, optax, mpjax
@@ -159,16 +199,28 @@ def loss_scaled(inner: optax.GradientTransformation,
         inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
+    _check_state(state)
+    _check_gradients(grads, params, state.leaf_grads_finite.shape[0])
     grads = unscale_gradients(grads, state.scale)
     leaf_finite = finite_flags(grads)
     finite = jnp.all(leaf_finite)
     updates, new_inner_state = inner.update(grads, state.inner_state, params,
                                             **extra_args)
+    # The inner optimizer computes from float32 gradients, which widens any
+    # 16-bit state it stores; storing it back in its own dtype keeps one dtype
+    # per leaf across steps (the select, donation and the compiled signature
+    # need it) and leaves the storage dtype the optimizer's choice (mu_dtype).
+    new_inner_state = _cast_like(new_inner_state, state.inner_state)
+    if params is not None:
+      # What plain optax gives for such params: p + u stays in p's dtype
+      # even in a loop that adds the updates without optax.apply_updates.
+      updates = _cast_like(updates, params)
     updates = jmp.select_tree(finite, updates,
                               jax.tree.map(jnp.zeros_like, updates))
     inner_state = jmp.select_tree(finite, new_inner_state, state.inner_state)
+    stepped = _completes_optimizer_step(state.inner_state, inner_state)
     scale, growth_count = scaling.adjust(state.scale, state.growth_count,
-                                         finite)
+                                         finite, stepped)
     applied = optax.safe_int32_increment(state.applied_steps)
     skipped = optax.safe_int32_increment(state.skipped_steps)
     consecutive = optax.safe_int32_increment(state.consecutive_skips)
@@ -185,6 +237,110 @@ def loss_scaled(inner: optax.GradientTransformation,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _cast_like(tree: chex.ArrayTree, like: chex.ArrayTree) -> chex.ArrayTree:
+  """Casts each floating/complex leaf of `tree` to the dtype of `like`'s."""
+  def cast(x, ref):
+    have, want = getattr(x, "dtype", None), getattr(ref, "dtype", None)
+    if (have is None or want is None or have == want
+        or not jnp.issubdtype(have, jnp.inexact)
+        or not jnp.issubdtype(want, jnp.inexact)):
+      return x
+    return x.astype(want)
+
+  return jax.tree.map(cast, tree, like)
+
+
+def _is_multi_steps(x: Any) -> bool:
+  return isinstance(x, optax.MultiStepsState)
+
+
+def _completes_optimizer_step(old_inner: Any, new_inner: Any) -> jax.Array:
+  """bool []: whether this update completed an optimizer step.
+
+  True unless the inner state holds an ``optax.MultiStepsState`` (the
+  outermost ones, wherever they sit) whose window did not complete: its
+  ``mini_step`` is back at 0 after a move (k > 1) or its ``gradient_step``
+  advanced (k = 1).
+  """
+  olds = [x for x in jax.tree.leaves(old_inner, is_leaf=_is_multi_steps)
+          if _is_multi_steps(x)]
+  news = [x for x in jax.tree.leaves(new_inner, is_leaf=_is_multi_steps)
+          if _is_multi_steps(x)]
+  stepped = jnp.array(True)
+  for old, new in zip(olds, news):
+    moved = jnp.logical_or(old.mini_step != new.mini_step,
+                           old.gradient_step != new.gradient_step)
+    stepped = stepped & (new.mini_step == 0) & moved
+  return stepped
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _path_str(path: Any) -> str:
+  """A jax key path as ``dense/kernel`` (``<root>`` for the empty path)."""
+  return "/".join(_key_name(k) for k in path) or "<root>"
+
+
+def _check_state(state: Any) -> None:
+  if isinstance(state, LossScaledState):
+    return
+  hint = ""
+  if find_loss_scaled_states(state):
+    hint = (" It contains one: pass the state of the mpjax.loss_scaled "
+            "transformation itself (which must be the outermost one).")
+  raise TypeError(
+      "loss_scaled: update expects the mpjax.LossScaledState returned by this "
+      f"transformation's init, got {type(state).__name__}: "
+      f"{_short_repr(state)}.{hint}")
+
+
+def _short_repr(x: Any, limit: int = 120) -> str:
+  text = repr(x)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_gradients(grads: Any, params: Any, num_leaves: int) -> None:
+  """Static checks of the gradients against the params (at trace time)."""
+  grad_leaves, grad_def = jax.tree_util.tree_flatten_with_path(grads)
+  if params is not None:
+    param_leaves, param_def = jax.tree_util.tree_flatten_with_path(params)
+    if grad_def != param_def:
+      grad_paths = {_path_str(p) for p, _ in grad_leaves}
+      param_paths = {_path_str(p) for p, _ in param_leaves}
+      missing = sorted(param_paths - grad_paths)
+      extra = sorted(grad_paths - param_paths)
+      detail = (f"missing in the gradients: {missing[:5]}; not in the "
+                f"params: {extra[:5]}" if missing or extra else
+                f"same leaf paths, different containers: gradients "
+                f"{grad_def}, params {param_def}")
+      raise ValueError(
+          "loss_scaled: the gradients' tree must have the params' structure "
+          f"({detail}). Differentiate with respect to the params passed to "
+          "update.")
+    for (path, g), (_, p) in zip(grad_leaves, param_leaves):
+      if jnp.shape(g) != jnp.shape(p):
+        raise ValueError(
+            f"loss_scaled: the gradient of {_path_str(path)!r} has shape "
+            f"{jnp.shape(g)}, its param has shape {jnp.shape(p)}; they must "
+            "be equal.")
+  if len(grad_leaves) != num_leaves:
+    raise ValueError(
+        f"loss_scaled: got gradients with {len(grad_leaves)} leaves, but the "
+        f"state was initialised for params with {num_leaves}.")
+  for path, g in grad_leaves:
+    dtype = jnp.result_type(g) if not hasattr(g, "dtype") else g.dtype
+    if dtype != jax.dtypes.float0 and not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"loss_scaled: the gradient of {_path_str(path)!r} has dtype "
+          f"{dtype}; gradients must be floating or complex (integer params "
+          "get float0 gradients from jax.grad(..., allow_int=True)).")
+
+
 def find_loss_scaled_states(tree: Any) -> list:
   """Returns every `LossScaledState` inside `tree` (an optax state, a chain,
   MultiSteps, inject_hyperparams or a TrainState), in tree order.
@@ -196,37 +352,107 @@ def find_loss_scaled_states(tree: Any) -> list:
   return [x for x in jax.tree.leaves(tree, is_leaf=is_state) if is_state(x)]
 
 
-def loss_scaled_inside_multisteps(tree: Any) -> bool:
-  """Whether `tree` has a `LossScaledState` inside an `optax.MultiStepsState`."""
-  is_multi = lambda x: isinstance(x, optax.MultiStepsState)
-  return any(
-      find_loss_scaled_states(x.inner_opt_state)
-      for x in jax.tree.leaves(tree, is_leaf=is_multi) if is_multi(x))
+_MISPLACED_FIX = {
+    "optax.MultiSteps": (
+        "the micro-batches would be accumulated still scaled, and one "
+        "non-finite micro-batch would poison every later window (MultiSteps "
+        "resets its accumulator as acc * 0, and inf * 0 is NaN); accumulate "
+        "inside it: "
+        "tx = mpjax.loss_scaled(optax.MultiSteps(inner, k), scaling)"),
+    "optax.inject_hyperparams": (
+        "its schedules would count skipped steps; inject inside it: "
+        "tx = mpjax.loss_scaled(optax.inject_hyperparams(optax.adam)("
+        "learning_rate=...), scaling)"),
+}
+_CHAIN_FIX = (
+    "a transformation before it sees scaled gradients, one after it moves the "
+    "params on skipped steps and a schedule after it counts skipped steps; "
+    "chain inside it: tx = mpjax.loss_scaled(optax.chain(...), scaling)")
+
+
+def _enclosing_name(node: Any) -> str:
+  """What optax transformation a state node belongs to, in words."""
+  if _is_multi_steps(node):
+    return "optax.MultiSteps"
+  if isinstance(node, (optax.InjectHyperparamsState,
+                       optax.InjectStatefulHyperparamsState)):
+    return "optax.inject_hyperparams"
+  if type(node) in (tuple, list):
+    return f"optax.chain of {len(node)} transformations"
+  if isinstance(node, dict):
+    return "a dict of states (optax.named_chain or partition)"
+  return type(node).__name__
+
+
+def _child(node: Any, key: Any) -> Any:
+  if hasattr(key, "idx"):
+    return node[key.idx]
+  if hasattr(key, "key"):
+    return node[key.key]
+  return getattr(node, key.name)
+
+
+def _enclosing(root: Any, path: Any) -> list:
+  """Names of the transformations around the state at `path` below `root`.
+
+  A chain of one transformation encloses nothing that matters.
+  """
+  names, node = [], root
+  for key in path:
+    if not (type(node) in (tuple, list) and len(node) == 1):
+      names.append(_enclosing_name(node))
+    try:
+      node = _child(node, key)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      break  # a custom pytree: what was named so far is enough
+  return names
 
 
 def loss_scale_state(tree: Any) -> LossScaledState:
-  """Returns the one `LossScaledState` inside `tree`.
+  """Returns the `LossScaledState` at the root of `tree`.
+
+  Args:
+    tree: an optimizer state, or an object whose ``opt_state`` is one (an
+      `mpjax.TrainState`). The `LossScaledState` must be the state itself,
+      or inside an ``optax.chain`` of that one transformation.
 
   Raises:
-    ValueError: if there is none, or more than one.
+    ValueError: if there is none, more than one, or it is not at the root
+      (`loss_scaled` inside ``optax.chain``, ``optax.MultiSteps``,
+      ``optax.inject_hyperparams``...): the message names what encloses it
+      and how to wrap instead.
   """
-  found = find_loss_scaled_states(tree)
+  root = tree
+  if not isinstance(root, (tuple, list, dict)) and hasattr(root,
+                                                           "opt_state"):
+    root = root.opt_state
+  is_state = lambda x: isinstance(x, LossScaledState)
+  found = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(
+      root, is_leaf=is_state)[0] if is_state(x)]
   if len(found) != 1:
     what = "no" if not found else f"{len(found)}"
     raise ValueError(
         f"Expected exactly one mpjax.loss_scaled state in the optimizer state, "
         f"found {what}. Wrap the optimizer once: "
         "tx = mpjax.loss_scaled(optax.adam(...), mpjax.DynamicScaling.like_torch()).")
-  return found[0]
+  path, state = found[0]
+  enclosing = _enclosing(root, path)
+  if enclosing:
+    outer = enclosing[0]
+    fix = _MISPLACED_FIX.get(outer, _CHAIN_FIX)
+    raise ValueError(
+        "mpjax.loss_scaled must be the outermost transformation, but its "
+        f"state is inside {' inside '.join(reversed(enclosing))} (at "
+        f"opt_state path {_path_str(path)!r}): {fix}.")
+  return state
 
 
 def current_loss_scale(opt_state: Any) -> chex.Array:
   """Returns the scale the next loss must be multiplied by (float32 scalar).
 
   Args:
-    opt_state: any state containing one `LossScaledState` (nested in
-      `optax.chain`, `optax.MultiSteps`, `optax.inject_hyperparams` or an
-      `mpjax.TrainState`).
+    opt_state: the state of a `loss_scaled` transformation, or an
+      `mpjax.TrainState` holding one (see `loss_scale_state`).
   """
   return jnp.asarray(loss_scale_state(opt_state).scale, jnp.float32)
 

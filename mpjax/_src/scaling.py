@@ -68,9 +68,10 @@ class NoScaling:
     return _as_f32(1.0), jnp.zeros([], jnp.int32)
 
   def adjust(self, scale: jax.Array, growth_count: jax.Array,
-             grads_finite: jax.Array) -> Tuple[jax.Array, jax.Array]:
+             grads_finite: jax.Array, stepped: jax.Array = True
+             ) -> Tuple[jax.Array, jax.Array]:
     """Returns the state unchanged."""
-    del grads_finite
+    del grads_finite, stepped
     return scale, growth_count
 
 
@@ -94,9 +95,10 @@ class StaticScaling:
     return _as_f32(self.scale), jnp.zeros([], jnp.int32)
 
   def adjust(self, scale: jax.Array, growth_count: jax.Array,
-             grads_finite: jax.Array) -> Tuple[jax.Array, jax.Array]:
+             grads_finite: jax.Array, stepped: jax.Array = True
+             ) -> Tuple[jax.Array, jax.Array]:
     """Returns the state unchanged."""
-    del grads_finite
+    del grads_finite, stepped
     return scale, growth_count
 
 
@@ -104,15 +106,19 @@ class StaticScaling:
 class DynamicScaling:
   """A loss scale that grows while gradients stay finite and backs off when not.
 
-  The rule, per optimizer step, with ``n`` the growth counter:
+  The rule, per update, with ``n`` the growth counter:
 
-  - finite gradients: ``n += 1``; when ``n`` reaches `growth_interval` (the
-    growth_interval-th *consecutive* finite step, as in PyTorch's `GradScaler`
-    and Keras's `LossScaleOptimizer`) the scale is multiplied by
-    `growth_factor` and ``n`` is reset to 0. A growth that would overflow
-    float32 keeps the old scale (the scale is never inf).
+  - finite gradients that complete an optimizer step: ``n += 1``; when ``n``
+    reaches `growth_interval` (the growth_interval-th *consecutive* finite
+    optimizer step, as in PyTorch's `GradScaler` and Keras's
+    `LossScaleOptimizer`) the scale is multiplied by `growth_factor` and ``n``
+    is reset to 0. A growth that would overflow float32 keeps the old scale
+    (the scale is never inf).
+  - finite gradients of a micro-batch that does not complete an optimizer
+    step (inside an ``optax.MultiSteps`` window): nothing changes, so one
+    window is computed with one scale.
   - non-finite gradients: the scale is multiplied by `backoff_factor` and
-    ``n`` is reset to 0.
+    ``n`` is reset to 0, at once (also in the middle of a window).
   - the result is clipped to ``[min_scale, max_scale]``.
 
   Factors are applied in float32: for factors that are not exactly
@@ -199,19 +205,25 @@ class DynamicScaling:
     return _as_f32(self.initial_scale), jnp.zeros([], jnp.int32)
 
   def adjust(self, scale: jax.Array, growth_count: jax.Array,
-             grads_finite: jax.Array) -> Tuple[jax.Array, jax.Array]:
+             grads_finite: jax.Array, stepped: jax.Array = True
+             ) -> Tuple[jax.Array, jax.Array]:
     """Returns the next ``(scale, growth_count)``.
 
     Args:
       scale: float32 scalar, the scale used for this step.
-      growth_count: int32 scalar, consecutive finite steps before this one
-        since the scale last changed.
+      growth_count: int32 scalar, consecutive finite optimizer steps before
+        this one since the scale last changed.
       grads_finite: bool scalar, whether this step's gradients were finite.
+      stepped: bool scalar, whether this update completed an optimizer step
+        (False for a micro-batch inside a gradient-accumulation window); only
+        completed steps count towards growth.
 
     Returns:
       The float32 scale and int32 counter for the next step.
     """
-    count = growth_count + 1
+    # The counter stays below growth_interval, so only a completed step can
+    # reach it: `grow` needs no `stepped` of its own.
+    count = growth_count + jnp.asarray(stepped).astype(jnp.int32)
     grow = jnp.logical_and(grads_finite, count >= self.growth_interval)
     grown = scale * jnp.float32(self.growth_factor)
     grown = jnp.where(jnp.isfinite(grown), grown, scale)
