@@ -385,3 +385,17 @@ def test_sharded_state_restores_onto_another_mesh_shape(tmp_path):
                           check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "reshard ok" in result.stdout
+
+
+def test_import_mpjax_does_not_load_orbax_until_a_checkpoint_is_used():
+  code = ("import sys, mpjax\n"
+          "assert not [m for m in sys.modules if m.startswith('orbax')]\n"
+          "mpjax.CheckpointManager\n"
+          "assert not [m for m in sys.modules if m.startswith('orbax')]\n"
+          "mpjax._src.checkpoint.ocp.CheckpointManager\n"
+          "assert 'orbax.checkpoint' in sys.modules\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], env=env,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]

@@ -26,15 +26,35 @@ Overwriting is refused. orbax's ``force=True`` deletes the existing directory
 *before* it writes the new one, so a crash in between loses the last good
 checkpoint; mpjax never passes it. Use a new path, or a `CheckpointManager`
 (one directory per step, old ones deleted only after a newer one is committed).
+
+orbax is imported on first use (about 0.8 s of ``import mpjax`` otherwise),
+so a program that never checkpoints never loads it.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import importlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
+
+
+class _LazyModule:
+  """A module imported when one of its attributes is first read."""
+
+  def __init__(self, name: str):
+    self._name = name
+
+  def __getattr__(self, attr: str) -> Any:
+    module = importlib.import_module(self._name)
+    self.__dict__.update(vars(module))
+    return getattr(module, attr)
+
+
+ocp = _LazyModule("orbax.checkpoint")
+epath = _LazyModule("etils.epath")
 
 # custom_metadata key of the mpjax section and its format version.
 _META_KEY = "mpjax"
