@@ -22,7 +22,6 @@ import mpjax
 import report
 import training
 from mpjax import numerics
-from mpjax._src.policy_map import PolicyMap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +70,11 @@ class LMConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   name: str
-  policy: PolicyMap
+  policy: mpjax.PolicyMap
   scaling: mpjax.LossScaling
 
 
-def lm_policy(spec: str) -> PolicyMap:
+def lm_policy(spec: str) -> mpjax.PolicyMap:
   """A language model's `PolicyMap`: float32 islands, logits in compute dtype.
 
   The model returns its logits in the compute dtype (``o=bf16``/``o=f16``,
@@ -87,7 +86,7 @@ def lm_policy(spec: str) -> PolicyMap:
   logits are exact copies of the low-precision ones.
   """
   policy = mpjax.get_policy(spec)
-  return PolicyMap(policy.with_output_dtype(policy.compute_dtype))
+  return mpjax.PolicyMap(policy.with_output_dtype(policy.compute_dtype))
 
 
 CONFIGS = (
@@ -100,7 +99,7 @@ CONFIGS = (
 
 # build(config, policy_map, seed) -> (apply_fn, params): apply_fn is called
 # as apply_fn({"params": params}, tokens) and returns logits.
-Build = Callable[[LMConfig, PolicyMap, int], Tuple[Callable, Any]]
+Build = Callable[[LMConfig, mpjax.PolicyMap, int], Tuple[Callable, Any]]
 
 
 def loss_fn(params, batch, apply_fn, rng):

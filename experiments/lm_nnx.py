@@ -21,16 +21,17 @@ from typing import Any, Callable, Tuple
 
 from flax import nnx
 
+import mpjax
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import lm_models_nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mpjax._src.nnx_policy import with_nnx_policy  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def build(config: lm_common.LMConfig, policy: Any,
           seed: int) -> Tuple[Callable, Any]:
   """(apply_fn, float32 params) of a model prepared with `policy`."""
-  model = with_nnx_policy(
+  model = mpjax.with_nnx_policy(
       lm_models_nnx.TransformerLM(config, rngs=nnx.Rngs(seed)), policy)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 

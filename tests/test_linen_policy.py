@@ -393,6 +393,23 @@ def test_island_norms_give_flax_float32_values_and_gradients(name, low):
                               **ulp_close(low))
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "two_pass"])
+def test_layer_norm_island_keeps_the_modules_use_fast_variance(fast):
+  # A mean far above the spread: the one-pass variance E[x^2] - E[x]^2
+  # cancels in float32, so the two settings differ and each must reach the
+  # island as the module has it.
+  x = (1000.0 + jax.random.normal(jax.random.key(1), (4, 8))).astype(F16)
+  norm = nn.LayerNorm(use_fast_variance=fast)
+  params = norm.init(jax.random.key(0), x)["params"]
+  apply = mpjax.with_policy(Wrapped(norm).apply, PolicyMap("mixed_float16"))
+  y = apply({"params": {"norm": params}}, x)
+  flax_y = {f: nn.LayerNorm(use_fast_variance=f).apply({"params": params},
+                                                       x.astype(F32))
+            for f in (True, False)}
+  assert not np.allclose(flax_y[True], flax_y[False], rtol=1e-3, atol=1e-3)
+  chex.assert_trees_all_close(y, flax_y[fast], rtol=1e-6, atol=1e-6)
+
+
 def kept_for_backward(fn, params):
   """(shape, dtype name) of every array ``jax.vjp(fn, params)`` keeps."""
   closure = jax.eval_shape(lambda p: jax.vjp(fn, p)[1], params)

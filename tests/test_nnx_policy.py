@@ -16,7 +16,7 @@ import lm_models_nnx
 import mpjax
 from mpjax import numerics
 from mpjax._src.policy_map import PolicyMap
-from mpjax._src.nnx_policy import original_class
+from mpjax._src.hooks_nnx import original_class
 from mpjax._src.nnx_policy import policy_map_of
 from mpjax._src.nnx_policy import policy_of
 from mpjax._src.nnx_policy import with_nnx_policy
@@ -413,6 +413,21 @@ def test_island_norms_give_flax_float32_values_and_gradients(name, low):
   # Rounded to `low` once from float32 values equal up to float32 rounding.
   chex.assert_trees_all_close(dx.astype(F32), dx_ref.astype(F32),
                               **ulp_close(low))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "two_pass"])
+def test_layer_norm_island_keeps_the_modules_use_fast_variance(fast):
+  # A mean far above the spread: the one-pass variance E[x^2] - E[x]^2
+  # cancels in float32, so the two settings differ and each must reach the
+  # island as the module has it.
+  x = (1000.0 + jax.random.normal(jax.random.key(1), (4, 8))).astype(F16)
+  flax_y = {f: nnx.LayerNorm(8, use_fast_variance=f, rngs=nnx.Rngs(0))(
+      x.astype(F32)) for f in (True, False)}
+  model = with_nnx_policy(
+      Wrapped(nnx.LayerNorm(8, use_fast_variance=fast, rngs=nnx.Rngs(0))),
+      "mixed_float16")
+  assert not np.allclose(flax_y[True], flax_y[False], rtol=1e-3, atol=1e-3)
+  chex.assert_trees_all_close(model(x), flax_y[fast], rtol=1e-6, atol=1e-6)
 
 
 def test_island_norms_keep_their_input_in_the_compute_dtype_for_backward():

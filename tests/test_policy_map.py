@@ -1,5 +1,7 @@
 """Tests for mpjax/_src/policy_map.py: PolicyMap's matching rule and errors."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,6 @@ from flax import nnx
 
 import mpjax
 from mpjax._src.policy_map import PolicyMap
-from mpjax._src.policy_map import cast_floating
 
 F32, F16, BF16 = jnp.float32, jnp.float16, jnp.bfloat16
 
@@ -189,6 +190,27 @@ def test_malformed_patterns_raise(pattern):
     PolicyMap("float32", {pattern: "float32"})
 
 
+@pytest.mark.parametrize("pattern", ["[bad", "blocks/[0-3/fc", "a[!x", "[]",
+                                     "[!]"])
+def test_unclosed_character_classes_raise_naming_the_pattern(pattern):
+  with pytest.raises(ValueError, match=re.escape(repr(pattern)) +
+                     ".*no closing ']'"):
+    PolicyMap("mixed_bfloat16", {pattern: "float32"})
+
+
+def test_character_classes_match_one_character_of_the_class():
+  pm = PolicyMap("mixed_bfloat16", {"blocks_[0-1]/fc": "float32",
+                                    "blocks_[!0-1]/[]q]": "mixed_float16",
+                                    "x[[]": "float32"})
+  rule = lambda *path: resolve(pm, *((p, nn.Module) for p in path)).rule
+  assert rule("blocks_0", "blocks_0/fc") == "path 'blocks_[0-1]/fc'"
+  assert rule("blocks_2", "blocks_2/fc") == "inherited"
+  assert rule("blocks_2", "blocks_2/q") == "path 'blocks_[!0-1]/[]q]'"
+  assert rule("blocks_2", "blocks_2/]") == "path 'blocks_[!0-1]/[]q]'"
+  assert rule("blocks_1", "blocks_1/q") == "inherited"
+  assert rule("x[") == "path 'x[[]'"
+
+
 def test_an_entry_that_stores_params_differently_raises_with_a_fix():
   with pytest.raises(ValueError,
                      match=r"entry 'head'.*bfloat16.*'p=f32,c=bf16,o=bf16'"):
@@ -210,14 +232,3 @@ def test_with_output_dtype_keeps_the_entries():
   assert isinstance(pm16, PolicyMap)
   assert dtypes(pm16) == (F32, F16, F16)
   assert pm16.overrides == pm.overrides and not pm16.islands
-
-
-def test_cast_floating_leaves_ints_keys_and_nnx_objects_alone():
-  rngs = nnx.Rngs(0)
-  key = jax.random.key(0)
-  tree = {"x": jnp.ones(2), "n": np.ones(2, np.float32), "i": jnp.ones(2, int),
-          "k": key, "r": rngs, "s": "text"}
-  out = cast_floating(tree, BF16)
-  assert out["x"].dtype == BF16 and out["n"].dtype == BF16
-  assert out["i"] is tree["i"]
-  assert out["k"] is key and out["r"] is rngs and out["s"] == "text"

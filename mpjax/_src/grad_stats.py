@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mpjax._src import diagnostics
+from mpjax._src import attribution
 
 
 class TensorStats(NamedTuple):
@@ -216,7 +216,7 @@ def grad_stats(grads: chex.ArrayTree, loss_scale: chex.Numeric,
   by_layer: Dict[str, list] = {}
   for path, stats in jax.tree_util.tree_leaves_with_path(leaves,
                                                          is_leaf=is_stats):
-    name = diagnostics.path_str(path[:layer_depth])
+    name = attribution.path_str(path[:layer_depth])
     by_layer.setdefault(name, []).append(stats)
   layers = {name: _combine(s, scale, dtype) for name, s in by_layer.items()}
   total = _combine(list(layers.values()), scale, dtype)
@@ -305,7 +305,7 @@ def grad_stats_summary(stats: GradStats, *,
   if leaves:
     is_stats = lambda x: isinstance(x, TensorStats)
     out["leaves"] = {
-        diagnostics.path_str(path): _tensor_summary(s)
+        attribution.path_str(path): _tensor_summary(s)
         for path, s in jax.tree_util.tree_leaves_with_path(
             stats.leaves, is_leaf=is_stats)}
   return out

@@ -1,89 +1,44 @@
-"""A `PolicyMap` applied to linen models through `flax.linen.intercept_methods`.
+"""A `PolicyMap` applied to linen models, as a `hooks_linen` hook.
 
 What Haiku's ``hk.mixed_precision.set_policy`` does with a method interceptor
 and a custom parameter getter, for linen. Linen has no getter hook, so the
 params are cast before the call instead, each to the compute dtype of the
 module that owns it (its path in the ``"params"`` collection is the module's
-path); a shape-only trace (``jax.eval_shape``) first finds which module class
-sits at which path. During the real call an interceptor casts the inputs and
-outputs of every boundary module and, in attention layers that use flax's
-default attention function, swaps in `mpjax.numerics.dot_product_attention`
-for the duration of the call (flax reads ``self.attention_fn`` inside
-``__call__``; the interceptor is the only seam that reaches it without
-rebuilding the module). The same seam runs float32-island LayerNorms and
-RMSNorms as `mpjax.numerics.layer_norm`/`rms_norm` on their uncast input
-(`module_policy.float32_norm`: flax's values, less residual memory).
+path); a shape-only trace (``jax.eval_shape``, with the hooks around the call
+suspended) first finds which module class sits at which path. During the
+real call `policy_hook` casts the inputs and outputs of every boundary module
+and, in attention layers that use flax's default attention function, swaps
+in `mpjax.numerics.dot_product_attention` for the duration of the call
+(flax reads ``self.attention_fn`` inside ``__call__``; the hook is the only
+seam that reaches it without rebuilding the module). The same hook runs
+float32-island LayerNorms and RMSNorms as `mpjax.numerics.layer_norm`/
+`rms_norm` on their uncast input (`islands.float32_norm`: flax's values, less
+residual memory).
 
 Collections other than ``"params"`` (``batch_stats``, caches) are never cast,
 so BatchNorm's running statistics keep their float32 dtype.
 
 A module that sets its own ``dtype=`` (``nn.Dense(..., dtype=jnp.float32)``)
 computes in it regardless of the map: flax casts inside the module, after the
-interceptor. `mpjax.policy_table` shows such modules.
+hook. `mpjax.policy_table` shows such modules.
 """
 
 import functools
-import threading
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 from flax import nnx
 
-from mpjax._src import policy_map as module_policy
+from mpjax._src import applied_maps
+from mpjax._src import casting
+from mpjax._src import hooks
+from mpjax._src import hooks_linen
+from mpjax._src import islands
 from mpjax._src import numerics
+from mpjax._src import policy_map as policy_map_lib
 
-Records = Dict[Tuple[str, ...], module_policy.ModulePolicy]
-
-
-class _Discovering(threading.local):
-  """Whether `discover`'s shape-only trace is running (observers skip it)."""
-
-  def __init__(self):
-    super().__init__()
-    self.depth = 0
-
-
-_DISCOVERING = _Discovering()
-
-
-def discovering() -> bool:
-  """Whether the current call is `discover`'s trace, not the real call."""
-  return _DISCOVERING.depth > 0
-
-
-def is_policy_method(name: str) -> bool:
-  """Methods the policy casts at: ``__call__`` and public methods."""
-  # Lifted transforms (nn.remat) call internal lambdas through the module.
-  return name == "__call__" or (name.isidentifier() and
-                                not name.startswith("_") and name != "setup")
-
-
-class ChainTracker:
-  """Builds ``((path, class), ...)`` chains from the root to a bound module.
-
-  The chain follows ``module.parent``; inside lifted transforms (``nn.scan``,
-  ``nn.remat``) a module's parent is a scope, not its parent module, so the
-  missing ancestors are taken from the modules seen earlier in the same call
-  (by path: the lifted module and its wrapper share their path).
-  """
-
-  def __init__(self):
-    self.seen = {}
-
-  def chain(self, module: nn.Module) -> module_policy.Chain:
-    modules = []
-    while isinstance(module, nn.Module):
-      modules.append(module)
-      module = module.parent
-    chain = [(tuple(m.path), type(m)) for m in reversed(modules)]
-    top = chain[0][0]
-    missing = [(top[:end], self.seen.get(top[:end], nn.Module))
-               for end in range(len(top))]
-    chain = missing + chain
-    for path, cls in chain:
-      self.seen.setdefault(path, cls)
-    return tuple(("/".join(path), cls) for path, cls in chain)
+Records = Dict[Tuple[str, ...], policy_map_lib.ModulePolicy]
 
 
 def _norm_params(module: nn.Module) -> Optional[Tuple[Any, Any]]:
@@ -100,9 +55,12 @@ def _norm_params(module: nn.Module) -> Optional[Tuple[Any, Any]]:
                else None for name, on in used)
 
 
-def policy_interceptor(pm: module_policy.PolicyMap,
-                       visited: Optional[Records] = None) -> Callable:
-  """The method interceptor that applies `pm` to boundary modules.
+def policy_hook(pm: policy_map_lib.PolicyMap,
+                visited: Optional[Records] = None) -> hooks.Hook:
+  """The hook that applies `pm` to boundary modules.
+
+  Register it with ``hooks_linen.intercept(hook, policy_map=pm)``, so that
+  each call carries the module's policy under `pm`.
 
   Args:
     pm: the map.
@@ -110,35 +68,29 @@ def policy_interceptor(pm: module_policy.PolicyMap,
       module a policy method of which ran.
 
   Returns:
-    An interceptor for `flax.linen.intercept_methods`.
+    A `hooks.Hook`.
   """
-  tracker = ChainTracker()
-
-  def interceptor(next_fun, args, kwargs, context):
-    if not is_policy_method(context.method_name):
-      return next_fun(*args, **kwargs)
-    module = context.module
-    resolved = pm.resolve(tracker.chain(module))
-    module_policy.note_applied(pm)
+  def hook(next_fun, args, kwargs, call: hooks.CallContext):
+    module, resolved = call.module, call.policy
+    applied_maps.note_applied(pm)
     if visited is not None:
       visited[tuple(module.path)] = resolved
     policy = resolved.policy
-    norm = (module_policy.float32_norm(module, type(module), policy, args,
-                                       kwargs)
-            if resolved.boundary and context.method_name == "__call__"
-            else None)
+    norm = (islands.float32_norm(module, call.cls, policy, args, kwargs)
+            if resolved.boundary and call.method == "__call__" else None)
     norm_params = None if norm is None else _norm_params(module)
     if norm_params is not None:
       # Instead of flax's layer, and with the input left uncast: see
       # float32_norm (residual memory).
-      return module_policy.cast_floating(norm(*norm_params),
-                                         policy.output_dtype)
+      return casting.cast_floating(norm(*norm_params), policy.output_dtype)
     if resolved.boundary:
-      args, kwargs = module_policy.cast_floating((args, kwargs),
-                                                 policy.compute_dtype)
+      args, kwargs = casting.cast_floating((args, kwargs),
+                                           policy.compute_dtype)
+    # flax reads self.attention_fn inside __call__: swapping it for the
+    # call is the only seam that reaches it without rebuilding the module.
     original = getattr(module, "attention_fn", None)
     swap = (resolved.attention_island and
-            module_policy.is_flax_attention_fn(original))
+            islands.is_flax_attention_fn(original))
     if swap:
       object.__setattr__(module, "attention_fn",
                          numerics.dot_product_attention)
@@ -148,30 +100,27 @@ def policy_interceptor(pm: module_policy.PolicyMap,
       if swap:
         object.__setattr__(module, "attention_fn", original)
     if resolved.boundary:
-      out = module_policy.cast_floating(out, policy.output_dtype)
+      out = casting.cast_floating(out, policy.output_dtype)
     return out
 
-  return interceptor
+  return hook
 
 
-def discover(pm: module_policy.PolicyMap, fn: Callable, args: tuple,
+def discover(pm: policy_map_lib.PolicyMap, fn: Callable, args: tuple,
              kwargs: dict) -> Records:
-  """The policy of every linen module `fn` calls, from a shape-only trace."""
-  records: Records = {}
-  tracker = ChainTracker()
+  """The policy of every linen module `fn` calls, from a shape-only trace.
 
-  def record(next_fun, a, k, context):
-    if is_policy_method(context.method_name):
-      module = context.module
-      records[tuple(module.path)] = pm.resolve(tracker.chain(module))
+  The hooks around the call are suspended for the trace: observers see the
+  real call only.
+  """
+  records: Records = {}
+
+  def record(next_fun, a, k, call: hooks.CallContext):
+    records[tuple(call.module.path)] = call.policy
     return next_fun(*a, **k)
 
-  _DISCOVERING.depth += 1
-  try:
-    with nn.intercept_methods(record):
-      jax.eval_shape(lambda: fn(*args, **kwargs))
-  finally:
-    _DISCOVERING.depth -= 1
+  with hooks_linen.suspended(), hooks_linen.intercept(record, policy_map=pm):
+    jax.eval_shape(lambda: fn(*args, **kwargs))
   return records
 
 
@@ -184,7 +133,8 @@ def owner(records: Mapping[Tuple[str, ...], Any],
   return None
 
 
-def _dict_names(path) -> Tuple[str, ...]:
+def dict_names(path) -> Tuple[str, ...]:
+  """The dict keys of a jax key path (a linen param's module path and name)."""
   return tuple(str(k.key) for k in path
                if isinstance(k, jax.tree_util.DictKey))
 
@@ -201,11 +151,11 @@ def cast_params(params: Any, records: Records, default_dtype: Any) -> Any:
     `params` with the same structure, floating leaves cast.
   """
   def cast(path, leaf):
-    names = _dict_names(path)
+    names = dict_names(path)
     module_path = owner(records, names[:-1])
     dtype = (default_dtype if module_path is None
              else records[module_path].policy.compute_dtype)
-    return module_policy.cast_floating(leaf, dtype)
+    return casting.cast_floating(leaf, dtype)
 
   return jax.tree_util.tree_map_with_path(cast, params)
 
@@ -218,13 +168,13 @@ def _linen_variables(args: tuple) -> bool:
 
 
 def with_policy_map(apply_fn: Callable,
-                    pm: module_policy.PolicyMap) -> Callable:
+                    pm: policy_map_lib.PolicyMap) -> Callable:
   """Wraps an apply function to run under the per-module map `pm`.
 
   For linen, `apply_fn` is ``model.apply`` (or any function whose first
   argument is the variables dict and that applies one linen model): its
   ``"params"`` are cast per owning module and the model runs under
-  `policy_interceptor`. For NNX, `apply_fn` calls a model prepared with
+  `policy_hook` (a `hooks_linen` hook). For NNX, `apply_fn` calls a model prepared with
   `mpjax.with_nnx_policy(model, pm)`; the modules cast themselves.
 
   The root module's output is cast to ``pm.output_dtype`` by the root
@@ -249,8 +199,8 @@ def with_policy_map(apply_fn: Callable,
                                         pm.default.compute_dtype)
       args = (variables,) + tuple(args[1:])
     visited: Records = {}
-    with module_policy.tracking_applied() as seen, \
-        nn.intercept_methods(policy_interceptor(pm, visited)):
+    with applied_maps.tracking_applied() as seen, \
+        hooks_linen.intercept(policy_hook(pm, visited), policy_map=pm):
       out = apply_fn(*args, **kwargs)
     others = seen - {pm}
     if others:

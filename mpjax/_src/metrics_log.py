@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpjax._src import diagnostics
+from mpjax._src import attribution
 from mpjax._src import grad_stats as grad_stats_lib
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -126,7 +126,7 @@ def record_from_metrics(step: int, metrics: Mapping[str, Any], *,
     record["skipped"] = not bool(metrics.pop("grads_finite"))
   leaf_finite = metrics.pop("leaf_grads_finite", None)
   if leaf_finite is not None:
-    paths = diagnostics.nonfinite_leaf_paths(leaf_finite, like=like)
+    paths = attribution.nonfinite_leaf_paths(leaf_finite, like=like)
     if paths:
       record["nonfinite_leaves"] = paths
   stats = metrics.pop("grad_stats", None)

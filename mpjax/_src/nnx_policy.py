@@ -2,17 +2,18 @@
 
 One call prepares a model in place (NNX's own style, like ``model.eval()``):
 
-- every module records what the map decided for it (a static attribute, so
-  it travels in the `GraphDef` through ``nnx.split``/``nnx.merge``,
-  ``nnx.jit`` and ``nnx.grad``);
-- every boundary module (see `mpjax.PolicyMap`) becomes an instance of a
-  subclass of its own class whose ``__call__`` and public methods cast
-  floating inputs to the compute dtype and outputs to the output dtype
-  (``isinstance`` and the module's state and paths are unchanged: the state
-  is what gets checkpointed, and it does not change); a float32-island
-  LayerNorm or RMSNorm instead runs as `mpjax.numerics.layer_norm`/`rms_norm`
-  on its uncast input (`module_policy.float32_norm`: flax's values, less
-  residual memory);
+- every module records what the map decided for it (a `hooks_nnx.Site`, a
+  static attribute, so it travels in the `GraphDef` through
+  ``nnx.split``/``nnx.merge``, ``nnx.jit`` and ``nnx.grad``);
+- every boundary module (see `mpjax.PolicyMap`) gets the policy's hook
+  (`hooks_nnx.attach`: it becomes an instance of a generated subclass of its
+  own class) whose ``__call__`` and public methods cast floating inputs to
+  the compute dtype and outputs to the output dtype (``isinstance`` and the
+  module's state and paths are unchanged: the state is what gets
+  checkpointed, and it does not change); a float32-island LayerNorm or
+  RMSNorm instead runs as `mpjax.numerics.layer_norm`/`rms_norm` on its
+  uncast input (`islands.float32_norm`: flax's values, less residual
+  memory);
 - every module that has a ``dtype`` attribute (flax's compute-dtype knob)
   gets the compute dtype the map gives it, boundary or not. Without this a
   layer would promote: ``nnx.Embed``'s ``dtype`` defaults to its param dtype
@@ -35,15 +36,18 @@ rather than pickling the module object (its class is generated).
 """
 
 import dataclasses
-import functools
 import threading
-import types
 from typing import Any, Dict, Optional, Tuple
 
 from flax import nnx
 
-from mpjax._src import policy_map as module_policy
+from mpjax._src import applied_maps
+from mpjax._src import casting
+from mpjax._src import hooks
+from mpjax._src import hooks_nnx
+from mpjax._src import islands
 from mpjax._src import numerics
+from mpjax._src import policy_map as policy_map_lib
 
 _ATTR = "_mpjax_policy"
 _UNSET = "unset"
@@ -52,8 +56,7 @@ _UNSET = "unset"
 @dataclasses.dataclass(frozen=True)
 class _Record:
   """What `with_nnx_policy` set on one module, and what to restore."""
-  policy_map: module_policy.PolicyMap
-  resolved: module_policy.ModulePolicy
+  policy_map: policy_map_lib.PolicyMap
   original_dtype: Any = _UNSET
   original_attention_fn: Any = _UNSET
 
@@ -78,8 +81,11 @@ def _modules(model: nnx.Module) -> Dict[Tuple[Any, ...], nnx.Module]:
           if isinstance(node, nnx.Module)}
 
 
-def _owned_params(root: nnx.Module):
-  """Yields ``(param, owner_module)`` for every Param reachable from root."""
+def owned_params(root: nnx.Module):
+  """Yields ``(param, owner_module)`` for every Param reachable from `root`.
+
+  The owner is the nearest module above the Param in the graph.
+  """
   nodes = list(nnx.iter_graph(root))
   modules = {tuple(path): node for path, node in nodes
              if isinstance(node, nnx.Module)}
@@ -100,13 +106,12 @@ class _params_in_compute_dtype:  # pylint: disable=invalid-name
     self.saved = []
 
   def __enter__(self):
-    for param, module in _owned_params(self.root):
-      record = getattr(module, _ATTR, None)
-      if record is None or id(param) in _CASTING.active:
+    for param, module in owned_params(self.root):
+      resolved = policy_of(module)
+      if resolved is None or id(param) in _CASTING.active:
         continue
       master = param.get_value()
-      cast = module_policy.cast_floating(
-          master, record.resolved.policy.compute_dtype)
+      cast = casting.cast_floating(master, resolved.policy.compute_dtype)
       if cast is master:
         continue
       _CASTING.active.add(id(param))
@@ -121,68 +126,42 @@ class _params_in_compute_dtype:  # pylint: disable=invalid-name
     self.saved = []
 
 
-def _wrap(method):
-  @functools.wraps(method)
-  def wrapped(self, *args, **kwargs):
-    record = getattr(self, _ATTR)
-    policy = record.resolved.policy
-    module_policy.note_applied(record.policy_map)
-    norm = (module_policy.float32_norm(self, original_class(self), policy,
-                                       args, kwargs)
-            if method.__name__ == "__call__" else None)
+@dataclasses.dataclass(frozen=True)
+class _PolicyHook:
+  """The `hooks_nnx` hook of a boundary module: casts around its methods.
+
+  A value (compared by its map), so the prepared model's GraphDef is stable
+  and a jitted call compiles once.
+  """
+  policy_map: policy_map_lib.PolicyMap
+
+  def __call__(self, next_fun, args, kwargs, call: hooks.CallContext):
+    module, policy = call.module, call.policy.policy
+    applied_maps.note_applied(self.policy_map)
+    norm = (islands.float32_norm(module, call.cls, policy, args, kwargs)
+            if call.method == "__call__" else None)
     if norm is None:
-      args, kwargs = module_policy.cast_floating((args, kwargs),
-                                                 policy.compute_dtype)
-    with _params_in_compute_dtype(self):
+      args, kwargs = casting.cast_floating((args, kwargs),
+                                           policy.compute_dtype)
+    with _params_in_compute_dtype(module):
       if norm is None:
-        out = method(self, *args, **kwargs)
+        out = next_fun(*args, **kwargs)
       else:
         # Instead of flax's layer, and with the input left uncast: see
         # float32_norm (residual memory).
         out = norm(*(None if p is None else p[...]
-                     for p in (self.scale, getattr(self, "bias", None))))
-    return module_policy.cast_floating(out, policy.output_dtype)
-  return wrapped
+                     for p in (module.scale, getattr(module, "bias", None))))
+    return casting.cast_floating(out, policy.output_dtype)
 
 
-def _policy_methods(base: type) -> Dict[str, Any]:
-  """``__call__`` and the public methods a Module subclass defines."""
-  methods = {}
-  for klass in reversed(base.__mro__):
-    if not (isinstance(klass, type) and issubclass(klass, nnx.Module)) or \
-        klass in (nnx.Module,):
-      continue
-    for name, attr in vars(klass).items():
-      if isinstance(attr, types.FunctionType) and (
-          name == "__call__" or not name.startswith("_")):
-        methods[name] = attr
-  return methods
-
-
-@functools.lru_cache(maxsize=None)
-def _boundary_class(base: type) -> type:
-  """A subclass of `base` whose policy methods cast (one per class)."""
-  namespace = {name: _wrap(fn) for name, fn in _policy_methods(base).items()}
-  namespace.update(__module__=base.__module__, __qualname__=base.__qualname__,
-                   __doc__=base.__doc__, __mpjax_base__=base)
-  return types.new_class(
-      base.__name__, (base,),
-      {"pytree": getattr(base, "_pytree__is_pytree", False)},
-      lambda ns: ns.update(namespace))
-
-
-def original_class(module: nnx.Module) -> type:
-  """The module's class before `with_nnx_policy`."""
-  return getattr(type(module), "__mpjax_base__", type(module))
-
-
-def policy_of(module: nnx.Module) -> Optional[module_policy.ModulePolicy]:
+def policy_of(module: nnx.Module) -> Optional[policy_map_lib.ModulePolicy]:
   """What the map applied by `with_nnx_policy` decided for `module`, or None."""
-  record = getattr(module, _ATTR, None)
-  return None if record is None else record.resolved
+  if getattr(module, _ATTR, None) is None:
+    return None
+  return hooks_nnx.site_of(module).policy
 
 
-def policy_map_of(model: nnx.Module) -> Optional[module_policy.PolicyMap]:
+def policy_map_of(model: nnx.Module) -> Optional[policy_map_lib.PolicyMap]:
   """The `PolicyMap` `with_nnx_policy` prepared `model` with, or None.
 
   Args:
@@ -216,7 +195,7 @@ def _undo(model: nnx.Module) -> None:
       module.attention_fn = record.original_attention_fn
     if record.original_dtype is not _UNSET:
       module.dtype = record.original_dtype
-    module.__class__ = original_class(module)
+    hooks_nnx.detach(module)
     delattr(module, _ATTR)
 
 
@@ -250,31 +229,29 @@ def with_nnx_policy(model: nnx.Module, policy: Any) -> nnx.Module:
     raise TypeError(
         f"with_nnx_policy: expected an nnx.Module, got {type(model).__name__}; "
         "for linen use mpjax.with_policy(model.apply, policy_map).")
-  pm = module_policy.as_policy_map(policy)
+  pm = policy_map_lib.as_policy_map(policy)
   _undo(model)
   modules = _modules(model)
-  resolved = {}
-  for path in sorted(modules, key=len):
-    prefixes = [path[:end] for end in range(len(path) + 1)
-                if path[:end] in modules]
-    chain = tuple((_path_str(p), type(modules[p])) for p in prefixes)
-    resolved[path] = pm.resolve(chain)
+  sites = hooks_nnx.sites(model)
+  resolved = {path: pm.resolve(sites[path][1])
+              for path in sorted(modules, key=len)}
   pm.check_matched({k for r in resolved.values() for k in r.matched},
                    [_path_str(p) for p in modules])
+  hook = _PolicyHook(pm)
   for path, module in modules.items():
     decision = resolved[path]
     original_dtype = original_attention_fn = _UNSET
     if hasattr(module, "dtype"):
       original_dtype = module.dtype
       module.dtype = decision.policy.compute_dtype
-    if decision.boundary:
-      module.__class__ = _boundary_class(type(module))
     attention_fn = getattr(module, "attention_fn", None)
     if (decision.attention_island and
-        module_policy.is_flax_attention_fn(attention_fn)):
+        islands.is_flax_attention_fn(attention_fn)):
       original_attention_fn = attention_fn
       module.attention_fn = numerics.dot_product_attention
-    setattr(module, _ATTR, _Record(pm, decision, original_dtype,
-                                   original_attention_fn))
+    # Only a boundary runs the policy's hook (and changes class).
+    hooks_nnx.attach(module, hooks_nnx.Site(
+        sites[path][0], sites[path][1], decision,
+        (hook,) if decision.boundary else ()))
+    setattr(module, _ATTR, _Record(pm, original_dtype, original_attention_fn))
   return model
-

@@ -9,9 +9,14 @@ How a module's policy is decided (first rule that applies):
 
 1. **Path entries.** Patterns are matched against the module's path
    (``"Block_0/attn/query"`` in linen, ``"blocks/0/attn/query"`` in NNX),
-   segment by segment: ``*`` and ``?`` are wildcards inside one segment,
-   ``**`` matches any number of segments (zero included), and a pattern must
-   match the whole path. Of several matching patterns the most specific wins:
+   segment by segment, with `fnmatch` rules inside one segment (case
+   sensitive): ``*`` matches any run of characters, ``?`` one character,
+   ``[..]`` one character of a class (``[0-3]``, ``[qkv]``; ``[!..]``
+   negates; ``[[]`` is a literal ``[``). ``**`` matches any number of
+   segments (zero included), and a pattern must match the whole path. A
+   malformed pattern (an empty segment, ``**`` inside a segment, an unclosed
+   ``[``) raises `ValueError` naming it. Of several matching patterns the
+   most specific wins:
    more literal segments, then more segments that are not ``**``, then more
    literal characters. Two matching patterns equal on all three are
    ambiguous and raise `ValueError` naming both.
@@ -25,7 +30,7 @@ How a module's policy is decided (first rule that applies):
    (flax's LayerNorm and RMSNorm, in their usual configurations, run as
    `mpjax.numerics.layer_norm`/`rms_norm`: the same values, but the backward
    pass keeps their input in its own dtype, not a float32 copy; see
-   `float32_norm`);
+   `mpjax._src.islands.float32_norm`);
    matmul-like layers (`LOW_PRECISION_LAYERS`: Dense/Linear, DenseGeneral/
    LinearGeneral, Conv, ConvTranspose, Einsum, Embed with its ``attend``)
    compute in the inherited compute dtype and return it, so a float32 island
@@ -59,40 +64,17 @@ it as its default.
 import dataclasses
 import fnmatch
 import functools
-import threading
-from typing import (Any, Callable, Iterable, Mapping, NamedTuple, Optional,
-                    Sequence, Tuple, Union)
+from typing import (Any, Iterable, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import jmp
-import numpy as np
-from flax import nnx
-from flax.nnx.nn import dtypes as nnx_dtypes
 
-from mpjax._src import numerics
+from mpjax._src import islands as islands_lib
 from mpjax._src import policy as policy_lib
 
 EntryKey = Union[str, type]
 Chain = Tuple[Tuple[str, type], ...]
-
-# autocast's float32 list, as layers.
-FLOAT32_LAYERS: Tuple[type, ...] = (
-    nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm,
-    nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm, nnx.InstanceNorm,
-)
-# autocast's lower-precision list (matmuls and convolutions), as layers.
-LOW_PRECISION_LAYERS: Tuple[type, ...] = (
-    nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.ConvLocal,
-    nn.Einsum, nn.Embed,
-    nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum,
-    nnx.Embed,
-)
-# Layers whose softmax runs inside flax's attention function.
-ATTENTION_LAYERS: Tuple[type, ...] = (nn.MultiHeadDotProductAttention,
-                                      nnx.MultiHeadAttention)
-_FLAX_ATTENTION_FNS = (nn.dot_product_attention, nnx.dot_product_attention)
 
 _WILDCARDS = frozenset("*?[")
 
@@ -136,7 +118,29 @@ def _validate_pattern(pattern: str) -> Tuple[str, ...]:
       raise ValueError(
           f"PolicyMap entry {pattern!r}: '**' must be a whole segment "
           f"(got {s!r}).")
+    _validate_classes(pattern, s)
   return segments
+
+
+def _validate_classes(pattern: str, segment: str) -> None:
+  """Raises unless every ``[`` of `segment` opens a closed character class."""
+  i = 0
+  while i < len(segment):
+    if segment[i] == "[":
+      # As fnmatch reads it: a leading '!' negates, a leading ']' is a member.
+      j = i + 1
+      if j < len(segment) and segment[j] == "!":
+        j += 1
+      if j < len(segment) and segment[j] == "]":
+        j += 1
+      end = segment.find("]", j)
+      if end < 0:
+        raise ValueError(
+            f"PolicyMap entry {pattern!r}: the character class starting at "
+            f"{segment[i:]!r} in segment {segment!r} has no closing ']'; "
+            "write [abc], [0-9] or [!x], and [[] for a literal '['.")
+      i = end
+    i += 1
 
 
 def _matches(pattern: Tuple[str, ...], path: Tuple[str, ...]) -> bool:
@@ -339,7 +343,7 @@ def _level(pm: PolicyMap, path: str, cls: type, inherited: jmp.Policy,
   class_hits = [(k, p) for k, p in pm.overrides
                 if isinstance(k, type) and issubclass(cls, k)]
   matched = tuple(k for k, _ in path_hits + class_hits)
-  attention = (pm.islands and issubclass(cls, ATTENTION_LAYERS))
+  attention = (pm.islands and issubclass(cls, islands_lib.ATTENTION_LAYERS))
   if path_hits:
     ranked = sorted(path_hits,
                     key=lambda kp: _specificity(tuple(kp[0].split("/"))),
@@ -358,11 +362,11 @@ def _level(pm: PolicyMap, path: str, cls: type, inherited: jmp.Policy,
     return ModulePolicy(policy, True, f"class {key.__qualname__}", attention,
                         matched)
   output = inherited.output_dtype if is_root else None
-  if pm.islands and issubclass(cls, FLOAT32_LAYERS):
+  if pm.islands and issubclass(cls, islands_lib.FLOAT32_LAYERS):
     policy = jmp.Policy(inherited.param_dtype, jnp.float32,
                         output or jnp.float32)
     return ModulePolicy(policy, True, "float32 island", attention, matched)
-  if pm.islands and issubclass(cls, LOW_PRECISION_LAYERS):
+  if pm.islands and issubclass(cls, islands_lib.LOW_PRECISION_LAYERS):
     policy = jmp.Policy(inherited.param_dtype, inherited.compute_dtype,
                         output or inherited.compute_dtype)
     return ModulePolicy(policy, True, "low-precision layer", attention,
@@ -387,137 +391,3 @@ def as_policy_map(policy: Any) -> PolicyMap:
   if isinstance(policy, PolicyMap):
     return policy
   return PolicyMap(policy)
-
-
-def is_flax_attention_fn(fn: Any) -> bool:
-  """Whether `fn` is flax's default attention function (linen or NNX)."""
-  return any(fn is f for f in _FLAX_ATTENTION_FNS)
-
-
-# flax's own norm layers whose float32 island `float32_norm` computes with
-# `mpjax.numerics`; True for LayerNorm (centred), False for RMSNorm.
-_NUMERICS_NORMS = {nn.LayerNorm: True, nnx.LayerNorm: True,
-                   nn.RMSNorm: False, nnx.RMSNorm: False}
-_HALF_OR_SINGLE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                   jnp.dtype(jnp.float32))
-
-
-def _last_axis_only(axes: Any, ndim: int) -> bool:
-  axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  return (all(isinstance(a, int) and -ndim <= a < ndim for a in axes) and
-          {a % ndim for a in axes} == {ndim - 1})
-
-
-def float32_norm(module: Any, cls: type, policy: jmp.Policy, args: tuple,
-                 kwargs: Mapping[str, Any]) -> Optional[Callable[..., Any]]:
-  """Runs a float32 LayerNorm/RMSNorm island with `mpjax.numerics`, if exact.
-
-  Why: autodiff of flax's float32 LayerNorm keeps, for the backward pass, the
-  float32 upcast of the input and float32 intermediates (``x - mean``, ...):
-  three float32 arrays of the input's shape per layer, for a bfloat16
-  transformer most of what its norms keep. `numerics.layer_norm` and
-  `numerics.rms_norm` compute flax's float32 forward values (its operations,
-  in its order) and the float32 graph's gradients (up to float32 rounding)
-  but keep only the input, in its own dtype, and float32 per-row statistics.
-  The boundary must then leave the input uncast: the float32 copy it would
-  make is what autodiff would keep.
-
-  Only configurations reproduced exactly qualify: flax's own ``LayerNorm`` or
-  ``RMSNorm`` class (not a subclass, whose ``__call__`` may differ),
-  computing in float32, called on one bfloat16/float16/float32 array without
-  a mask, normalising and scaling the last axis only, with no ``axis_name``,
-  ``dtype`` None or float32, ``force_float32_reductions`` (linen) and the
-  default ``promote_dtype`` (NNX). Anything else runs flax's layer as before.
-
-  Args:
-    module: the linen or NNX module.
-    cls: its class (for NNX, the class before `with_nnx_policy`).
-    policy: the module's resolved policy.
-    args: the call's positional arguments, not cast.
-    kwargs: its keyword arguments, not cast.
-
-  Returns:
-    None (run the layer), or a function of the layer's ``(scale, bias)``
-    (None for a missing one) returning its float32 output.
-  """
-  center = _NUMERICS_NORMS.get(cls)
-  if center is None or jnp.dtype(policy.compute_dtype) != jnp.float32:
-    return None
-  if len(args) != 1 or any(k != "mask" or v is not None
-                           for k, v in kwargs.items()):
-    return None
-  x = args[0]
-  if not (isinstance(x, (jax.Array, np.ndarray)) and x.ndim >= 1 and
-          jnp.dtype(x.dtype) in _HALF_OR_SINGLE):
-    return None
-  if (module.axis_name is not None or module.axis_index_groups is not None or
-      (module.dtype is not None and
-       jnp.dtype(module.dtype) != jnp.float32) or
-      not _last_axis_only(module.reduction_axes, x.ndim) or
-      not _last_axis_only(module.feature_axes, x.ndim) or
-      not getattr(module, "force_float32_reductions", True) or
-      getattr(module, "promote_dtype",
-              nnx_dtypes.promote_dtype) is not nnx_dtypes.promote_dtype):
-    return None
-
-  def run(scale, bias):
-    for name, p in (("scale", scale), ("bias", bias)):
-      if p is not None and jnp.shape(p) != x.shape[-1:]:
-        raise ValueError(
-            f"{cls.__name__}: {name} of shape {jnp.shape(p)} does not match "
-            f"the input's last axis, {x.shape[-1]}.")
-    if center:
-      return numerics.layer_norm(
-          x, scale, bias, epsilon=module.epsilon,
-          use_fast_variance=module.use_fast_variance)
-    return numerics.rms_norm(x, scale, epsilon=module.epsilon)
-
-  return run
-
-
-def _is_graph_leaf(x: Any) -> bool:
-  # jmp's cast maps into every pytree; NNX modules, Rngs and Variables are
-  # pytrees whose identity matters, so they pass through whole.
-  return isinstance(x, (nnx.Variable, nnx.Pytree))
-
-
-def cast_floating(tree: Any, dtype: Any) -> Any:
-  """Casts the floating array leaves of `tree` to `dtype`.
-
-  Integer arrays, PRNG keys, non-arrays and NNX objects pass untouched.
-  """
-  def cast(x):
-    if (isinstance(x, (jax.Array, np.ndarray)) and
-        jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype):
-      return x.astype(dtype)
-    return x
-  return jax.tree.map(cast, tree, is_leaf=_is_graph_leaf)
-
-
-class _Applied(threading.local):
-  """Which maps took effect during the current call (see `note_applied`)."""
-
-  def __init__(self):
-    super().__init__()
-    self.stack = []
-
-
-_APPLIED = _Applied()
-
-
-def note_applied(pm: PolicyMap) -> None:
-  """Records that a module ran under `pm` (read by `tracking_applied`)."""
-  if _APPLIED.stack:
-    _APPLIED.stack[-1].add(pm)
-
-
-class tracking_applied:  # pylint: disable=invalid-name
-  """Context manager collecting the maps modules ran under inside it."""
-
-  def __enter__(self) -> set:
-    self.seen = set()
-    _APPLIED.stack.append(self.seen)
-    return self.seen
-
-  def __exit__(self, *exc) -> None:
-    _APPLIED.stack.pop()

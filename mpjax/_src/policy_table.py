@@ -16,9 +16,7 @@ for (an input or param promoted them, flax #2384) or whose own ``dtype``
 overrides the map.
 """
 
-import functools
 import math
-import types
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -26,10 +24,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mpjax._src import casting
+from mpjax._src import hooks
+from mpjax._src import hooks_linen
+from mpjax._src import hooks_nnx
 from mpjax._src import linen_policy
-from mpjax._src import policy_map as module_policy
 from mpjax._src import nnx_policy
-from mpjax._src import train_step
+from mpjax._src import policy_map as policy_map_lib
+from mpjax._src import policy as policy_lib
 
 
 class PolicyRow(NamedTuple):
@@ -68,11 +70,11 @@ class _Call(NamedTuple):
   own_dtype: Any
   read_dtypes: tuple
   outputs: tuple
-  resolved: Optional[module_policy.ModulePolicy]
+  resolved: Optional[policy_map_lib.ModulePolicy]
 
 
 def _floating_dtypes(tree: Any) -> tuple:
-  leaves = jax.tree.leaves(tree, is_leaf=module_policy._is_graph_leaf)  # pylint: disable=protected-access
+  leaves = jax.tree.leaves(tree, is_leaf=casting.is_graph_leaf)
   names = []
   for x in leaves:
     dtype = getattr(x, "dtype", None)
@@ -133,20 +135,14 @@ def _add_param(own: Dict[str, Dict[str, Any]], path: str, leaf: Any) -> None:
 
 def _linen_calls(model: nn.Module, inputs: tuple, kwargs: dict,
                  policy: Any, variables: Any):
-  pm = policy if isinstance(policy, module_policy.PolicyMap) else None
   apply_fn = (model.apply if policy is None
-              else train_step.with_policy(model.apply, policy))
+              else policy_lib.with_policy(model.apply, policy))
   calls: Dict[tuple, Optional[_Call]] = {}
-  tracker = linen_policy.ChainTracker()
 
-  def observe(next_fun, args, kw, context):
-    module = context.module
-    if (linen_policy.discovering() or
-        not linen_policy.is_policy_method(context.method_name)):
-      return next_fun(*args, **kw)
-    key = ("/".join(module.path), context.method_name)
+  def observe(next_fun, args, kw, call: hooks.CallContext):
+    module = call.module
+    key = (call.path, call.method)
     calls.setdefault(key, None)
-    resolved = None if pm is None else pm.resolve(tracker.chain(module))
     own_params = module.variables.get("params", {})
     read = tuple(jnp.dtype(v.dtype).name
                  for v in jax.tree.leaves(
@@ -155,73 +151,52 @@ def _linen_calls(model: nn.Module, inputs: tuple, kwargs: dict,
     out = next_fun(*args, **kw)
     if calls[key] is None:
       calls[key] = _Call(
-          _display("/".join(module.path), context.method_name), type(module),
+          _display(call.path, call.method), call.cls,
           _floating_dtypes((args, kw)), getattr(module, "dtype", None),
-          read, _floating_dtypes(out), resolved)
+          read, _floating_dtypes(out), call.policy)
     return out
 
-  with nn.intercept_methods(observe):
+  # Outside the policy's hook: the call as the caller makes it; the map's
+  # policy of each module comes with the call.
+  with hooks_linen.intercept(observe):
     jax.eval_shape(lambda v: apply_fn(v, *inputs, **kwargs), variables)
   records = {tuple(path.split("/")) if path else (): None
              for path, _ in calls}
   own: Dict[str, Dict[str, Any]] = {}
   params = variables.get("params", {}) if hasattr(variables, "get") else {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = linen_policy._dict_names(path)  # pylint: disable=protected-access
+    names = linen_policy.dict_names(path)
     module_path = linen_policy.owner(records, names[:-1])
     _add_param(own, "/".join(module_path or ()), leaf)
   return calls, own
 
 
-@functools.lru_cache(maxsize=None)
-def _observed_class(base: type) -> type:
-  """A subclass of `base` whose policy methods report to ``_mpjax_observer``."""
-  def wrap(name, method):
-    @functools.wraps(method)
-    def wrapped(self, *args, **kwargs):
-      observer = self._mpjax_observer  # pylint: disable=protected-access
-      observer.enter(self, name)
-      out = method(self, *args, **kwargs)
-      observer.exit(self, name, (args, kwargs), out)
-      return out
-    return wrapped
-  namespace = {name: wrap(name, fn)
-               for name, fn in nnx_policy._policy_methods(base).items()}  # pylint: disable=protected-access
-  namespace.update(__module__=base.__module__, __qualname__=base.__qualname__)
-  return types.new_class(
-      base.__name__, (base,),
-      {"pytree": getattr(base, "_pytree__is_pytree", False)},
-      lambda ns: ns.update(namespace))
-
-
-class _NNXObserver:
+def _nnx_observer(own: Dict[str, Dict[str, Any]],
+                  calls: Dict[tuple, Optional[_Call]]) -> hooks.Hook:
   """Records the first call of each (module path, method), parents first."""
 
-  def __init__(self, paths: Dict[int, str], own: Dict[str, Dict[str, Any]],
-               calls: Dict[tuple, Optional[_Call]]):
-    self.paths, self.own, self.calls = paths, own, calls
-
-  def enter(self, module, name):
-    path = self.paths.get(id(module))
-    if path is not None:
-      self.calls.setdefault((path, name), None)
-
-  def exit(self, module, name, inputs, out):
-    path = self.paths.get(id(module))
-    if path is None or self.calls.get((path, name)) is not None:
-      return
-    resolved = nnx_policy.policy_of(module)
-    boundary = resolved is not None and resolved.boundary
-    read = tuple(self.own.get(path, {}).get("dtypes", ()))
-    in_dtypes = _floating_dtypes(inputs)
+  def observe(next_fun, args, kwargs, call: hooks.CallContext):
+    key = (call.path, call.method)
+    calls.setdefault(key, None)
+    out = next_fun(*args, **kwargs)
+    if calls[key] is not None:
+      return out
+    resolved = call.policy
+    read = tuple(own.get(call.path, {}).get("dtypes", ()))
+    in_dtypes = _floating_dtypes((args, kwargs))
     if resolved is not None:
+      # The observer runs outside the policy's casts: apply them here.
       compute = jnp.dtype(resolved.policy.compute_dtype).name
       read = tuple(compute for _ in read)
-      if boundary:
+      if resolved.boundary:
         in_dtypes = tuple(compute for _ in in_dtypes)
-    self.calls[(path, name)] = _Call(
-        _display(path, name), nnx_policy.original_class(module), in_dtypes,
-        getattr(module, "dtype", None), read, _floating_dtypes(out), resolved)
+    calls[key] = _Call(
+        _display(call.path, call.method), call.cls, in_dtypes,
+        getattr(call.module, "dtype", None), read, _floating_dtypes(out),
+        resolved)
+    return out
+
+  return observe
 
 
 def _nnx_calls(model: nnx.Module, inputs: tuple, kwargs: dict, policy: Any):
@@ -230,21 +205,18 @@ def _nnx_calls(model: nnx.Module, inputs: tuple, kwargs: dict, policy: Any):
   own: Dict[str, Dict[str, Any]] = {}
 
   def run(state, inputs):
+    # A copy that lives only inside this trace: preparing and observing it
+    # leaves the model as it is.
     copy = nnx.merge(graphdef, state)
     if policy is not None:
       nnx_policy.with_nnx_policy(copy, policy)
     paths = {id(node): "/".join(str(p) for p in path)
              for path, node in nnx.iter_graph(copy)
              if isinstance(node, nnx.Module)}
-    for param, owner_module in nnx_policy._owned_params(copy):  # pylint: disable=protected-access
+    for param, owner_module in nnx_policy.owned_params(copy):
       _add_param(own, paths[id(owner_module)], param.get_value())
-    observer = _NNXObserver(paths, own, calls)
-    for _, node in list(nnx.iter_graph(copy)):
-      if isinstance(node, nnx.Module):
-        # The copy lives only inside this trace: plain attributes, no graph.
-        object.__setattr__(node, "_mpjax_observer", observer)
-        node.__class__ = _observed_class(type(node))
-    return copy(*inputs, **kwargs)
+    with hooks_nnx.observe(_nnx_observer(own, calls), copy):
+      return copy(*inputs, **kwargs)
 
   jax.eval_shape(run, state, inputs)
   return calls, own
