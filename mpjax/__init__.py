@@ -42,6 +42,18 @@ from mpjax._src.policy_map import PolicyMap
 from mpjax._src.nnx_apply import NNXApply
 from mpjax._src.nnx_policy import with_nnx_policy
 from mpjax._src.policy import PRESETS
+from mpjax._src.compiled_audit import CompiledAudit
+from mpjax._src.compiled_audit import audit_compiled
+from mpjax._src.compiled_audit import audit_for_target
+from mpjax._src.compiled_audit import project as project_compiled
+from mpjax._src.gpu_target import FAITHFUL_ROUNDING
+from mpjax._src.gpu_target import GpuCompileUnavailableError
+from mpjax._src.gpu_target import GpuTarget
+from mpjax._src.gpu_target import abstract_for_target
+from mpjax._src.gpu_target import compile_for_target
+from mpjax._src.gpu_target import gpu_target
+from mpjax._src.gpu_target import target_devices
+from mpjax._src.gpu_target import target_mesh
 from mpjax._src.program_audit import ProgramAudit
 from mpjax._src.program_audit import Residuals
 from mpjax._src.program_audit import audit as audit_program
@@ -67,9 +79,13 @@ __version__ = "0.1.0"
 __all__ = (
     "AdamWState",
     "CheckpointManager",
+    "CompiledAudit",
     "DynamicScaling",
+    "FAITHFUL_ROUNDING",
     "FiniteDecision",
     "ForwardReport",
+    "GpuCompileUnavailableError",
+    "GpuTarget",
     "GradStats",
     "LossScaledState",
     "LossScaling",
@@ -91,15 +107,20 @@ __all__ = (
     "StaticScaling",
     "TensorStats",
     "TrainState",
+    "abstract_for_target",
     "adam",
     "adamw",
+    "audit_compiled",
+    "audit_for_target",
     "audit_program",
+    "compile_for_target",
     "current_loss_scale",
     "data_parallel",
     "debug_forward",
     "finite_flags",
     "fsdp",
     "get_policy",
+    "gpu_target",
     "grad_stats",
     "grad_stats_summary",
     "leaf_paths",
@@ -111,6 +132,7 @@ __all__ = (
     "periodic_grad_stats",
     "policy_name",
     "policy_table",
+    "project_compiled",
     "read_metrics",
     "record_from_metrics",
     "residuals",
@@ -119,6 +141,8 @@ __all__ = (
     "scale_loss",
     "sgd",
     "stochastic_round",
+    "target_devices",
+    "target_mesh",
     "unscale_gradients",
     "with_nnx_policy",
     "with_policy",

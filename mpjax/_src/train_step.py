@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mpjax._src import gpu_target as gpu_target_lib
 from mpjax._src import grad_stats as grad_stats_lib
 from mpjax._src import model_state as model_state_lib
 from mpjax._src import policy as policy_lib
@@ -80,8 +81,12 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
       Place the state with ``plan.shard_state`` first. The skip decision and
       the loss-scale update are global across devices and hosts.
     compiler_options: XLA options for this step's compilation, passed to
-      ``jax.jit(..., compiler_options=...)``, e.g.
-      ``{"xla_allow_excess_precision": False}``.
+      ``jax.jit(..., compiler_options=...)``. None (the default) means
+      `mpjax.FAITHFUL_ROUNDING`, ``{"xla_allow_excess_precision": False}``:
+      every 16-bit rounding the policy asks for stays in the compiled
+      program (XLA's own default lets a GPU fusion read float32 values in
+      their place and keep them alive: GPT-2's mixed step then needs as
+      much memory as float32); ``{}`` gives XLA's defaults.
 
   Returns:
     The jit-compiled step.
@@ -188,9 +193,10 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
                                                      Mapping):
     raise TypeError("make_train_step: compiler_options must be a dict of XLA "
                     f"options, got {compiler_options!r}.")
+  if compiler_options is None:
+    compiler_options = gpu_target_lib.FAITHFUL_ROUNDING
   jit_options = dict(donate_argnums=donate_argnums,
-                     compiler_options=None if compiler_options is None
-                     else dict(compiler_options))
+                     compiler_options=dict(compiler_options) or None)
   if sharding is None:
     return jax.jit(step, **jit_options)
   if not isinstance(sharding, sharding_lib.ShardingPlan):
