@@ -1,4 +1,4 @@
-"""Test helpers: a tiny MLP train state and a loss whose gradients go inf on demand.
+"""Test helpers: a tiny MLP train state, a loss whose gradients go inf at will.
 
 Shared by tests/test_attribution.py and tests/test_skip_guard.py.
 """

@@ -1,4 +1,4 @@
-"""Tests for mpjax/_src/casting.py: casting floating leaves, NNX objects kept."""
+"""Tests for mpjax/_src/casting.py: floating leaves cast, NNX objects kept."""
 
 import jax
 import jax.numpy as jnp

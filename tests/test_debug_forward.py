@@ -1,4 +1,4 @@
-"""Tests for mpjax/_src/debug_forward.py: which module's output went non-finite."""
+"""Tests for mpjax/_src/debug_forward.py: the first non-finite module output."""
 
 import chex
 import flax.linen as nn

@@ -24,8 +24,11 @@ Examples:
   ...   return next_fun(*args, **kwargs)
   >>> with intercept(observe):
   ...   _ = model.apply(variables, jnp.ones((1, 3)))
-  >>> seen
-  [('', 'Sequential', '__call__'), ('layers_0', 'Dense', '__call__'), ('layers_1', 'Dense', '__call__')]
+  >>> for entry in seen:
+  ...   print(entry)
+  ('', 'Sequential', '__call__')
+  ('layers_0', 'Dense', '__call__')
+  ('layers_1', 'Dense', '__call__')
 """
 
 import contextlib

@@ -174,8 +174,9 @@ def with_policy_map(apply_fn: Callable,
   For linen, `apply_fn` is ``model.apply`` (or any function whose first
   argument is the variables dict and that applies one linen model): its
   ``"params"`` are cast per owning module and the model runs under
-  `policy_hook` (a `hooks_linen` hook). For NNX, `apply_fn` calls a model prepared with
-  `mpjax.with_nnx_policy(model, pm)`; the modules cast themselves.
+  `policy_hook` (a `hooks_linen` hook). For NNX, `apply_fn` calls a model
+  prepared with `mpjax.with_nnx_policy(model, pm)`; the modules cast
+  themselves (their attached `hooks_nnx` hook).
 
   The root module's output is cast to ``pm.output_dtype`` by the root
   boundary; other results of `apply_fn` (mutated collections) are returned
