@@ -23,6 +23,12 @@ from mpjax._src.skip_guard import NonFiniteTrainingError
 from mpjax._src.skip_guard import ScaleCollapseWarning
 from mpjax._src.skip_guard import SkipGuard
 from mpjax._src.debug_forward import debug_forward
+from mpjax._src.precision_doctor import Diagnosis
+from mpjax._src.precision_doctor import LeafDiagnosis
+from mpjax._src.precision_doctor import ModuleDiagnosis
+from mpjax._src.precision_doctor import Prescription
+from mpjax._src.precision_doctor import DoctorThresholds
+from mpjax._src.precision_doctor import precision_doctor
 from mpjax._src.attribution import leaf_paths
 from mpjax._src.attribution import nonfinite_leaf_paths
 from mpjax._src.grad_stats import GradStats
@@ -80,6 +86,8 @@ __all__ = (
     "AdamWState",
     "CheckpointManager",
     "CompiledAudit",
+    "Diagnosis",
+    "DoctorThresholds",
     "DynamicScaling",
     "FAITHFUL_ROUNDING",
     "FiniteDecision",
@@ -87,16 +95,19 @@ __all__ = (
     "GpuCompileUnavailableError",
     "GpuTarget",
     "GradStats",
+    "LeafDiagnosis",
     "LossScaledState",
     "LossScaling",
     "MetricsWriter",
     "NNXApply",
     "ModuleCall",
+    "ModuleDiagnosis",
     "NoScaling",
     "NonFiniteTrainingError",
     "PRESETS",
     "PolicyMap",
     "PolicyRow",
+    "Prescription",
     "ProgramAudit",
     "ProgressBar",
     "Residuals",
@@ -132,6 +143,7 @@ __all__ = (
     "periodic_grad_stats",
     "policy_name",
     "policy_table",
+    "precision_doctor",
     "project_compiled",
     "read_metrics",
     "record_from_metrics",

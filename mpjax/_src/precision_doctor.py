@@ -23,7 +23,7 @@ the two runs are compared call by call:
 - the loss difference, and where along the depth (the order module calls
   finish: children before parents) the added error first jumps.
 
-The prescription (`Prescription`) follows from the numbers and `Thresholds`
+The prescription (`Prescription`) follows from the numbers and `DoctorThresholds`
 alone (`prescribe` is a pure function of them): the modules to keep in
 float32, as `PolicyMap` entries by path (by class when every module of a
 class needs it), the loss-scale range, "use bfloat16" when float16's range
@@ -71,7 +71,7 @@ _MAX_SCALE_LOG2 = 24
 
 
 @dataclasses.dataclass(frozen=True)
-class Thresholds:
+class DoctorThresholds:
   """When the doctor prescribes something. All comparisons are strict.
 
   Attributes:
@@ -103,16 +103,16 @@ class Thresholds:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
           not math.isfinite(value):
-        raise TypeError(f"Thresholds.{name} must be a finite number, got "
+        raise TypeError(f"DoctorThresholds.{name} must be a finite number, got "
                         f"{value!r}.")
     if self.max_added_error <= 0:
-      raise ValueError("Thresholds.max_added_error must be > 0, got "
+      raise ValueError("DoctorThresholds.max_added_error must be > 0, got "
                        f"{self.max_added_error}.")
     if not 0 <= self.max_flush_share < 1:
-      raise ValueError("Thresholds.max_flush_share must be in [0, 1), got "
+      raise ValueError("DoctorThresholds.max_flush_share must be in [0, 1), got "
                        f"{self.max_flush_share}.")
     if self.jump_factor <= 1:
-      raise ValueError("Thresholds.jump_factor must be > 1, got "
+      raise ValueError("DoctorThresholds.jump_factor must be > 1, got "
                        f"{self.jump_factor}.")
 
 
@@ -193,7 +193,7 @@ class Prescription:
     keep_float32: ``(entry key, reason)`` pairs: a path (str) or a class.
     loss_scale_range: ``(low, high)`` powers of two: gradients neither
       overflow (the largest float32 gradient times `high` fits the compute
-      dtype) nor lose more than ``Thresholds.max_flush_share`` to underflow
+      dtype) nor lose more than ``DoctorThresholds.max_flush_share`` to underflow
       at `low`; None when no scale does both.
     use_bfloat16: float16's range is the problem (a module's output does not
       fit, or no loss scale fits the gradients): use bfloat16 compute.
@@ -246,7 +246,7 @@ class Diagnosis:
     leaves: one `LeafDiagnosis` per parameter leaf.
     first_jump: the module where the added error first jumps, or None.
     prescription: the `Prescription`.
-    thresholds: the `Thresholds` used.
+    thresholds: the `DoctorThresholds` used.
     seconds: wall time of the diagnosis.
   """
   policy: Any
@@ -258,7 +258,7 @@ class Diagnosis:
   leaves: Tuple[LeafDiagnosis, ...]
   first_jump: Optional[ModuleDiagnosis]
   prescription: Prescription
-  thresholds: Thresholds
+  thresholds: DoctorThresholds
   seconds: float
 
   @property
@@ -414,7 +414,7 @@ def _epsilon(dtype_name: str) -> float:
 
 
 def first_jump(modules: Sequence[ModuleDiagnosis],
-               thresholds: Thresholds) -> Optional[ModuleDiagnosis]:
+               thresholds: DoctorThresholds) -> Optional[ModuleDiagnosis]:
   """The first module whose added error exceeds ``jump_factor`` times the
   largest before it (at least the compute dtype's epsilon), or None."""
   before = 0.0
@@ -432,7 +432,7 @@ def first_jump(modules: Sequence[ModuleDiagnosis],
 def prescribe(modules: Sequence[ModuleDiagnosis],
               policy: Any, grad_max_abs: float,
               flush_shares: Sequence[float], compute_dtype: Any,
-              thresholds: Thresholds,
+              thresholds: DoctorThresholds,
               all_modules: Optional[Dict[type, int]] = None) -> Prescription:
   """The prescription from measured numbers alone (no model is run).
 
@@ -443,7 +443,7 @@ def prescribe(modules: Sequence[ModuleDiagnosis],
     flush_shares: the share of nonzero float32 gradient entries flushed at
       loss scale ``2**k``, for ``k = 0, 1, ...``.
     compute_dtype: the policy's (default) compute dtype.
-    thresholds: the `Thresholds`.
+    thresholds: the `DoctorThresholds`.
     all_modules: how many modules of each class ran (for class entries);
       default: counted from `modules`.
 
@@ -537,7 +537,7 @@ def prescribe(modules: Sequence[ModuleDiagnosis],
 
 def _scale_range(grad_max_abs: float, flush_shares: Sequence[float],
                  compute: jnp.dtype,
-                 thresholds: Thresholds) -> Optional[Tuple[float, float]]:
+                 thresholds: DoctorThresholds) -> Optional[Tuple[float, float]]:
   """``(2**low, 2**high)``: see `Prescription.loss_scale_range`."""
   if not math.isfinite(grad_max_abs):
     return None
@@ -805,7 +805,7 @@ def precision_doctor(model: Any, batches: Sequence[Any], loss_fn: Callable,
                      model_state: Any = None, rng: Optional[jax.Array] = None,
                      loss_scale: Optional[float] = None,
                      has_aux: bool = False,
-                     thresholds: Optional[Thresholds] = None,
+                     thresholds: Optional[DoctorThresholds] = None,
                      compiler_options: Optional[Dict[str, Any]] = None
                      ) -> Diagnosis:
   """Compares `model` under `policy` with float32 and prescribes a fix.
@@ -828,7 +828,7 @@ def precision_doctor(model: Any, batches: Sequence[Any], loss_fn: Callable,
       TrainState's current scale, else ``2**15`` for float16 compute and 1
       otherwise.
     has_aux: `loss_fn` returns ``(loss, aux)``.
-    thresholds: `Thresholds` (default: the documented defaults).
+    thresholds: `DoctorThresholds` (default: the documented defaults).
     compiler_options: XLA options, as `make_train_step`'s.
 
   Returns:
@@ -867,9 +867,9 @@ def precision_doctor(model: Any, batches: Sequence[Any], loss_fn: Callable,
   if not isinstance(has_aux, bool):
     raise TypeError(f"precision_doctor: has_aux must be a bool, got "
                     f"{has_aux!r}.")
-  thresholds = Thresholds() if thresholds is None else thresholds
-  if not isinstance(thresholds, Thresholds):
-    raise TypeError(f"precision_doctor: thresholds must be a Thresholds, got "
+  thresholds = DoctorThresholds() if thresholds is None else thresholds
+  if not isinstance(thresholds, DoctorThresholds):
+    raise TypeError(f"precision_doctor: thresholds must be a DoctorThresholds, got "
                     f"{thresholds!r}.")
   batches = _check_batches(batches)
   compute = jnp.dtype(policy.compute_dtype)
