@@ -117,7 +117,7 @@ def _dispatching(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
             None if site is None else site.policy)))
     if site is not None and site.hooks:
       context = hooks_lib.CallContext(self, site.path, site.chain, name,
-                                  site.policy)
+                                      site.policy)
       entries.extend((hook, context) for hook in site.hooks)
     call = functools.partial(method, self)
     for hook, context in reversed(entries):
@@ -130,17 +130,29 @@ def _run(hook, next_fun, context, *args, **kwargs):
   return hook(next_fun, args, kwargs, context)
 
 
-@functools.lru_cache(maxsize=None)
+_CLASSES: Dict[type, type] = {}
+_CLASSES_LOCK = threading.Lock()
+
+
 def hooked_class(base: type) -> type:
-  """The subclass of `base` whose hooked methods dispatch (one per class)."""
-  namespace = {name: _dispatching(name, fn)
-               for name, fn in hooked_methods(base).items()}
-  namespace.update(__module__=base.__module__, __qualname__=base.__qualname__,
-                   __doc__=base.__doc__, __mpjax_base__=base)
-  return types.new_class(
-      base.__name__, (base,),
-      {"pytree": getattr(base, "_pytree__is_pytree", False)},
-      lambda ns: ns.update(namespace))
+  """The subclass of `base` whose hooked methods dispatch (one per class).
+
+  Created once per class, under a lock: two threads hooking the same class
+  get the same subclass (a second one would change the GraphDef).
+  """
+  with _CLASSES_LOCK:
+    cls = _CLASSES.get(base)
+    if cls is None:
+      namespace = {name: _dispatching(name, fn)
+                   for name, fn in hooked_methods(base).items()}
+      namespace.update(__module__=base.__module__,
+                       __qualname__=base.__qualname__, __doc__=base.__doc__,
+                       __mpjax_base__=base)
+      cls = _CLASSES[base] = types.new_class(
+          base.__name__, (base,),
+          {"pytree": getattr(base, "_pytree__is_pytree", False)},
+          lambda ns: ns.update(namespace))
+    return cls
 
 
 def make_hookable(module: nnx.Module) -> None:
@@ -217,9 +229,9 @@ def observe(hook: hooks_lib.Hook, root: Any) -> Iterator[None]:
   """
   modules = _modules(root)
   where = {}
-  for path, site in sites(root).items():
+  for path, path_and_chain in sites(root).items():
     make_hookable(modules[path])
-    where.setdefault(id(modules[path]), site)
+    where.setdefault(id(modules[path]), path_and_chain)
   entry = (hook, where)
   _OBSERVERS.stack.append(entry)
   try:
