@@ -19,6 +19,7 @@ import optax
 
 import lm_data
 import mpjax
+import optimizer_precision
 import report
 import training
 from mpjax import numerics
@@ -117,8 +118,10 @@ def make_optimizer(args: argparse.Namespace,
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, args.lr, warmup, max(args.steps, warmup + 1),
       end_value=0.1 * args.lr)
-  inner = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adam(schedule, b2=0.95))
+  adam = (optax.adam(schedule, b2=0.95) if args.optimizer_precision is None
+          else optimizer_precision.optimizer(args.optimizer_precision,
+                                             schedule, args.seed, b2=0.95))
+  inner = optax.chain(optax.clip_by_global_norm(1.0), adam)
   return mpjax.loss_scaled(inner, scaling)
 
 
@@ -126,6 +129,10 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
                corpus: lm_data.Corpus, args: argparse.Namespace,
                log: Optional[mpjax.MetricsWriter] = None) -> dict:
   """Trains one configuration; returns its row."""
+  if args.optimizer_precision is not None:  # params in the preset's dtype
+    run = dataclasses.replace(run, policy=mpjax.PolicyMap(
+        optimizer_precision.with_param_dtype(run.policy.default,
+                                             args.optimizer_precision)))
   apply_fn, params = build(config, run.policy, args.seed)
   state = mpjax.TrainState.create(apply_fn=apply_fn, params=params,
                                   tx=make_optimizer(args, run.scaling),
@@ -161,6 +168,7 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
   device = jax.devices()[0]
   return {
       "config": run.name,
+      "optimizer_precision": args.optimizer_precision,
       "policy": repr(run.policy),
       "scaling": repr(run.scaling),
       "final_train_loss": float(losses[-args.report_window:].mean()),
@@ -224,6 +232,7 @@ def parse_args(argv: List[str], api: str) -> argparse.Namespace:
                       help="exit with an error if a mixed run's val loss is "
                            "more than this far from float32's")
   parser.add_argument("--json", default=os.path.join("runs", f"lm_{api}.json"))
+  optimizer_precision.add_argument(parser)
   training.add_arguments(parser, f"lm_{api}")
   args = parser.parse_args(argv)
   for name in ("layers", "d_model", "heads", "seq_len", "batch_size", "steps",

@@ -43,6 +43,7 @@ import mpjax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optimizer_precision  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import training  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -88,9 +89,14 @@ def new_state(config: Config, split: datasets.Split,
   num_classes = int(max(split.y_train.max(), split.y_test.max())) + 1
   model = models.MLP(hidden=(128,), num_classes=num_classes)
   params = model.init(jax.random.key(args.seed), split.x_train[:1])["params"]
-  tx = mpjax.loss_scaled(optax.adam(args.lr), config.scaling)
+  inner = (optax.adam(args.lr) if args.optimizer_precision is None else
+           optimizer_precision.optimizer(args.optimizer_precision, args.lr,
+                                         args.seed))
+  tx = mpjax.loss_scaled(inner, config.scaling)
+  policy = optimizer_precision.with_param_dtype(config.policy,
+                                                args.optimizer_precision)
   return model, mpjax.TrainState.create(apply_fn=model.apply, params=params,
-                                        tx=tx, policy=config.policy)
+                                        tx=tx, policy=policy)
 
 
 def run_config(config: Config, split: datasets.Split,
@@ -136,14 +142,18 @@ def run_config(config: Config, split: datasets.Split,
       mpjax.with_policy(model.apply, config.policy)({"params": p}, x), -1))
   accuracy = float(np.mean(
       np.asarray(predict(state.params, split.x_test)) == split.y_test))
+  test_loss = float(jax.jit(loss_fn, static_argnums=2)(
+      state.params, {"x": split.x_test, "y": split.y_test}, apply, None))
   scale_state = mpjax.loss_scale_state(state.opt_state)
   exported = mpjax.get_policy(config.policy).cast_to_compute(state.params)
   timed = step_times[args.warmup:] or step_times
   return {
       "config": config.name,
-      "policy": mpjax.policy_name(config.policy),
+      "policy": mpjax.policy_name(state.policy),
       "scaling": repr(config.scaling),
       "test_accuracy": accuracy,
+      "test_loss": test_loss,
+      "optimizer_precision": args.optimizer_precision,
       "final_train_loss": losses[-1],
       "resumed_at_step": first,
       "epoch_losses": losses,
@@ -195,6 +205,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                       choices=[c.name for c in CONFIGS])
   parser.add_argument("--json", default=os.path.join("runs", "seed_mlp.json"),
                       help="where to write the table as JSON")
+  optimizer_precision.add_argument(parser)
   training.add_arguments(parser, "seed_mlp")
   args = parser.parse_args(argv)
   for name in ("epochs", "batch_size"):

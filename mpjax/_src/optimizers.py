@@ -110,7 +110,8 @@ def _half_ulp(dtype: np.dtype) -> float:
 def _warn_decay(owner: str, name: str, decay: float, moment: str,
                 dtype: np.dtype, moment_rounding: str) -> None:
   """Warns when `decay` rounds to 1 in the storage dtype of its moment."""
-  if dtype == np.float32 or moment_rounding == "stochastic":
+  decay = _static(decay)
+  if dtype == np.float32 or moment_rounding == "stochastic" or decay is None:
     return
   if float(jnp.asarray(decay, dtype)) == 1.0:
     warnings.warn(
@@ -126,7 +127,8 @@ def _warn_decay(owner: str, name: str, decay: float, moment: str,
 def _warn_eps(owner: str, eps: float, eps_root: float,
               dtype: np.dtype) -> None:
   """Warns when second moments as small as eps**2 flush to zero."""
-  if dtype == np.float32:
+  eps, eps_root = _static(eps), _static(eps_root)
+  if dtype == np.float32 or eps is None or eps_root is None:
     return
   for name, tiny in (("eps**2", eps * eps), ("eps_root", eps_root)):
     if tiny > 0 and float(jnp.asarray(tiny, dtype)) == 0.0:
@@ -200,18 +202,20 @@ def _moment(g: chex.Array, moment: chex.Array, decay: float, order: int,
             finite: Optional[chex.Array]) -> chex.Array:
   """``(1 - decay) * g**order + decay * moment`` in float32 (optax's EMA).
 
-  With a skip decision the coefficients become (0, 1) on a skipped step and
-  the gradient -0.0, so the moment comes back bit for bit (``m + -0.0 == m``,
-  -0.0 included) from the same arithmetic: no select over the moment, whose
-  donated buffer XLA would otherwise copy (`mpjax._src.fused_skip`).
+  With a skip decision, a skipped step computes ``0 * (-0.0)**order +
+  moment``, which is the moment bit for bit (-0.0 included), inside the same
+  elementwise update: no select of new against old moments, whose donated
+  buffers XLA then copies (`mpjax._src.fused_skip`). The moment term is a
+  select, not a product, on purpose: XLA contracts ``a * b + c * d`` into one
+  FMA, and this way it contracts the gradient term, as in optax's
+  expression, so an applied step is bit-identical to the unfused one.
   """
   moment = moment.astype(jnp.float32)
   if finite is None:
     return optax.tree.update_moment_per_elem_norm(g, moment, decay, order)
   g = jnp.where(finite, g, jnp.float32(-0.0))
-  new = jnp.where(finite, jnp.float32(1 - decay), jnp.float32(0.0))
-  old = jnp.where(finite, jnp.float32(decay), jnp.float32(1.0))
-  return new * g**order + old * moment
+  new = jnp.where(finite, jnp.asarray(1 - decay, jnp.float32), 0.0)
+  return new * g**order + jnp.where(finite, decay * moment, moment)
 
 
 def _learning_rate(learning_rate: optax.ScalarOrSchedule,
@@ -244,6 +248,36 @@ def _check_learning_rate(learning_rate: Any, owner: str) -> None:
           jnp.issubdtype(learning_rate.dtype, jnp.floating))):
     raise TypeError(f"{owner}: learning_rate must be a float, a float array "
                     f"or a schedule, got {learning_rate!r}.")
+
+
+def _static(value: Any) -> Optional[float]:
+  """`value` as a Python float when it is known at construction, else None
+  (a traced hyper-parameter of ``optax.inject_hyperparams``)."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _check_hyper(check: Callable, name: str, value: Any, owner: str) -> Any:
+  """Checks a Python number with `check`; passes a float array through
+  (``optax.inject_hyperparams`` hands hyper-parameters over as arrays)."""
+  if hasattr(value, "dtype") and not isinstance(value, (int, float)):
+    if not jnp.issubdtype(value.dtype, jnp.floating) or jnp.shape(value):
+      raise TypeError(f"{owner}: {name} must be a float or a float scalar, "
+                      f"got {value!r}.")
+    return value
+  return check(name, value) if check is adam_lib._check_beta else check(  # pylint: disable=protected-access
+      name, value, owner)
+
+
+def _one_minus_power(beta: Any, count: chex.Array) -> chex.Array:
+  """``1 - beta**count``: `mpjax.adam`'s for a Python float, the same
+  formula in float32 for an injected (array) beta."""
+  if not hasattr(beta, "dtype"):
+    return adam_lib._one_minus_power(beta, count)  # pylint: disable=protected-access
+  beta = jnp.asarray(beta, jnp.float32)
+  return -jnp.expm1(count.astype(jnp.float32) * jnp.log(beta))
 
 
 def _check_float(name: str, value: Any, owner: str) -> float:
@@ -279,8 +313,11 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   Args:
     learning_rate: a float, a float32 array (``optax.inject_hyperparams``) or
       an optax schedule of the applied-step count.
-    b1, b2: decay rates of the moments, Python floats in [0, 1) (pass them
-      as ``static_args`` to ``optax.inject_hyperparams``).
+    b1, b2: decay rates of the moments, floats in [0, 1). Under
+      ``optax.inject_hyperparams`` they arrive as arrays, which it stores in
+      the params' dtype unless given ``hyperparam_dtype=jnp.float32``
+      (``b2=0.999`` is 1.0 in bfloat16); the bias corrections of an array
+      beta are computed in float32 rather than from its float64 log.
     eps: added to ``sqrt(nu_hat)``, as optax and torch do.
     eps_root: added to ``nu_hat`` inside the root.
     weight_decay: decoupled weight decay (optax's default 1e-4; 0.0 is Adam).
@@ -323,11 +360,12 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   """
   owner = "mpjax.adamw"
   _check_learning_rate(learning_rate, owner)
-  b1, b2 = adam_lib._check_beta("b1", b1), adam_lib._check_beta("b2", b2)  # pylint: disable=protected-access
-  eps = _check_float("eps", eps, owner)
-  eps_root = _check_float("eps_root", eps_root, owner)
-  if not callable(weight_decay) and not hasattr(weight_decay, "dtype"):
-    weight_decay = _check_float("weight_decay", weight_decay, owner)
+  b1 = _check_hyper(adam_lib._check_beta, "b1", b1, owner)  # pylint: disable=protected-access
+  b2 = _check_hyper(adam_lib._check_beta, "b2", b2, owner)  # pylint: disable=protected-access
+  eps = _check_hyper(_check_float, "eps", eps, owner)
+  eps_root = _check_hyper(_check_float, "eps_root", eps_root, owner)
+  weight_decay = _check_hyper(_check_float, "weight_decay", weight_decay,
+                              owner)
   mu_dtype = _storage_dtype("mu_dtype", mu_dtype, owner)
   nu_dtype = _storage_dtype("nu_dtype", nu_dtype, owner)
   precision = _Precision.check(owner, rounding, moment_rounding, key)
@@ -348,8 +386,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     decision = fused_skip.FiniteDecision.from_extra_args(extra_args)
     finite = None if decision is None else decision.finite
     count = optax.safe_increment(state.count)
-    c1 = adam_lib._one_minus_power(b1, count)  # pylint: disable=protected-access
-    c2 = adam_lib._one_minus_power(b2, count)  # pylint: disable=protected-access
+    c1, c2 = _one_minus_power(b1, count), _one_minus_power(b2, count)
     step_size = _learning_rate(learning_rate, state.count)
     decays = _weight_decay_mask(mask, params, owner)
     step_key = precision.step_key(state.key, state.count)
@@ -433,7 +470,8 @@ def sgd(learning_rate: optax.ScalarOrSchedule,
   owner = "mpjax.sgd"
   _check_learning_rate(learning_rate, owner)
   if momentum is not None:
-    momentum = adam_lib._check_beta("momentum", momentum)  # pylint: disable=protected-access
+    momentum = _check_hyper(adam_lib._check_beta, "momentum", momentum,  # pylint: disable=protected-access
+                            owner)
   if not isinstance(nesterov, bool):
     raise TypeError(f"{owner}: nesterov must be a bool, got {nesterov!r}.")
   mu_dtype = _storage_dtype("mu_dtype", mu_dtype, owner)
@@ -470,9 +508,9 @@ def sgd(learning_rate: optax.ScalarOrSchedule,
       if mu is not None:
         if finite is None:
           m32 = g + momentum * mu.astype(jnp.float32)
-        else:  # as in `_moment`: the arithmetic itself gives mu back
+        else:  # as in `_moment`: -0.0 + mu is mu, bit for bit
           m32 = (jnp.where(finite, g, jnp.float32(-0.0)) +
-                 jnp.where(finite, jnp.float32(momentum), jnp.float32(1.0))
+                 jnp.where(finite, jnp.asarray(momentum, jnp.float32), 1.0)
                  * mu.astype(jnp.float32))
         u = g + momentum * m32 if nesterov else m32
         out_mu.append(precision.store(m32, mu_dtype, k_mu))
