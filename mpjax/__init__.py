@@ -45,7 +45,9 @@ from mpjax._src.metrics_log import ProgressBar
 from mpjax._src.metrics_log import read_metrics
 from mpjax._src.metrics_log import record_from_metrics
 from mpjax._src.policy_map import PolicyMap
+from mpjax._src.model_state import OVERWRITE_WITH_GRADIENT
 from mpjax._src.nnx_apply import NNXApply
+from mpjax._src.nnx_apply import OverwriteWithGradient
 from mpjax._src.nnx_policy import with_nnx_policy
 from mpjax._src.policy import PRESETS
 from mpjax._src.compiled_audit import CompiledAudit
@@ -100,6 +102,8 @@ __all__ = (
     "LossScaling",
     "MetricsWriter",
     "NNXApply",
+    "OVERWRITE_WITH_GRADIENT",
+    "OverwriteWithGradient",
     "ModuleCall",
     "ModuleDiagnosis",
     "NoScaling",

@@ -304,3 +304,111 @@ def test_step_with_model_state_compiles_once():
   step = mpjax.make_train_step(chex.assert_max_traces(linen_loss, n=1))
   for i in range(3):
     state, _ = step(state, batch(i))
+
+
+@jax.custom_vjp
+def _record_grad_amax(x, amax):
+  del amax
+  return x
+
+
+def _record_fwd(x, amax):
+  return x, amax
+
+
+def _record_bwd(amax, g):
+  # The "gradient" of the meta input is its new value: the running max of
+  # |g| (what an fp8 recipe keeps for its e5m2 output-gradient scale).
+  return g, jnp.maximum(amax, jnp.max(jnp.abs(g)))
+
+
+_record_grad_amax.defvjp(_record_fwd, _record_bwd)
+
+
+class AmaxNet(nn.Module):
+  """Dense whose output-gradient amax lands in _overwrite_with_gradient."""
+
+  @nn.compact
+  def __call__(self, x):
+    amax = self.variable(mpjax.OVERWRITE_WITH_GRADIENT, "grad_amax",
+                         lambda: jnp.zeros([], jnp.float32))
+    return _record_grad_amax(nn.Dense(CLASSES)(x), amax.value)
+
+
+def amax_state(inner=None, scaling=mpjax.NoScaling()):
+  model = AmaxNet()
+  variables = model.init(jax.random.key(0), batch()["x"])
+  return mpjax.TrainState.create(
+      apply_fn=model.apply, params=variables["params"],
+      model_state={mpjax.OVERWRITE_WITH_GRADIENT:
+                   variables[mpjax.OVERWRITE_WITH_GRADIENT]},
+      tx=mpjax.loss_scaled(inner or optax.sgd(0.1), scaling), policy="float32")
+
+
+def amax_loss(params, b, apply_fn, rng):
+  return nnx_loss(params, b, apply_fn, rng)
+
+
+def _grad_amax(state):
+  return float(state.model_state[mpjax.OVERWRITE_WITH_GRADIENT]["grad_amax"])
+
+
+def _logit_grad_amax(state, b, scale=1.0):
+  logits = state.apply_fn(state.variables, b["x"])
+  g = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      z, b["y"]).mean() * scale)(logits)
+  return float(jnp.max(jnp.abs(g)))
+
+
+def test_overwrite_with_gradient_collection_takes_its_gradient():
+  state = amax_state()
+  step = mpjax.make_train_step(amax_loss)
+  expected = max(_logit_grad_amax(state, batch(0)), 0.0)
+  state, _ = step(state, batch(0))
+  np.testing.assert_allclose(_grad_amax(state), expected, rtol=1e-6)
+  expected = max(expected, _logit_grad_amax(state, batch(1)))
+  state, _ = step(state, batch(1))
+  np.testing.assert_allclose(_grad_amax(state), expected, rtol=1e-6)
+
+
+def test_overwrite_with_gradient_sees_the_scaled_loss_and_skips_with_it():
+  state = amax_state(scaling=mpjax.StaticScaling(4.0))
+  step = mpjax.make_train_step(amax_loss)
+  expected = _logit_grad_amax(state, batch(0), scale=4.0)
+  state, _ = step(state, batch(0))
+  np.testing.assert_allclose(_grad_amax(state), expected, rtol=1e-6)
+  state, metrics = step(state, batch(1, poison=True))
+  assert not bool(metrics["grads_finite"])
+  np.testing.assert_allclose(_grad_amax(state), expected, rtol=1e-6)
+
+
+def test_overwrite_with_gradient_takes_every_micro_batch_under_multisteps():
+  state = amax_state(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=3))
+  step = mpjax.make_train_step(amax_loss)
+  amaxes = []
+  for i in range(3):
+    amaxes.append(_logit_grad_amax(state, batch(i)))
+    state, _ = step(state, batch(i))
+  # The running max over the window's micro-batches: neither the mean nor
+  # the last one (marin #7659).
+  np.testing.assert_allclose(_grad_amax(state), max(amaxes), rtol=1e-6)
+
+
+def test_nnx_overwrite_with_gradient_variables_are_grouped_and_updated():
+  class NNXAmax(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(FEATURES, CLASSES, rngs=rngs)
+      self.grad_amax = mpjax.OverwriteWithGradient(jnp.zeros([], jnp.float32))
+
+    def __call__(self, x):
+      return _record_grad_amax(self.fc(x), self.grad_amax[...])
+
+  state = mpjax.TrainState.from_nnx(NNXAmax(nnx.Rngs(0)),
+                                    tx=mpjax.loss_scaled(optax.sgd(0.1),
+                                                         mpjax.NoScaling()))
+  assert sorted(state.model_state) == [mpjax.OVERWRITE_WITH_GRADIENT]
+  expected = _logit_grad_amax(state, batch(0))
+  state, _ = mpjax.make_train_step(amax_loss)(state, batch(0))
+  np.testing.assert_allclose(
+      float(state.model_state[mpjax.OVERWRITE_WITH_GRADIENT]["grad_amax"][...]),
+      expected, rtol=1e-6)

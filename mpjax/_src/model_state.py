@@ -8,12 +8,37 @@ the written state has the old one's structure and gives it the old dtypes
 (a policy's casts never reach it, and a step that changed a dtype would
 compile again); `keep_if` selects between the new and the old state, so a
 skipped step leaves it bit-identical.
+
+One collection is special, ``"_overwrite_with_gradient"``
+(`OVERWRITE_WITH_GRADIENT`, flax's name for it in ``flax.linen.fp8_ops``):
+the step differentiates the loss with respect to it as well as the params,
+and its gradient becomes its new value. That is how a custom VJP's backward
+pass hands out state it computed (fp8 amax histories and scales of the
+output gradients): the optimizer never sees it, so gradient accumulation
+neither sums nor averages it, and it is never unscaled.
 """
 
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+
+OVERWRITE_WITH_GRADIENT = "_overwrite_with_gradient"
+
+
+def gradient_collection(model_state: Optional[Mapping[str, Any]]) -> Any:
+  """The ``"_overwrite_with_gradient"`` collection of `model_state`, or None."""
+  return (model_state or {}).get(OVERWRITE_WITH_GRADIENT)
+
+
+def with_gradient_collection(model_state: Mapping[str, Any],
+                             value: Any) -> dict:
+  """`model_state` with its ``"_overwrite_with_gradient"`` collection set to
+  `value` (left out when `value` is None)."""
+  model_state = dict(model_state)
+  if value is not None:
+    model_state[OVERWRITE_WITH_GRADIENT] = value
+  return model_state
 
 
 class ModelStateThread:

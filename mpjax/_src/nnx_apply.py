@@ -10,6 +10,9 @@ its model state, grouped into collections by variable type,
 - ``"batch_stats"``: `nnx.BatchStat` (BatchNorm's running statistics),
 - ``"rngs"``: `nnx.RngState` (the keys and counts of ``nnx.Rngs`` streams,
   which `nnx.Dropout` draws from),
+- ``"_overwrite_with_gradient"``: `OverwriteWithGradient` variables, whose
+  gradient `mpjax.make_train_step` makes their new value (fp8 scales and
+  amax histories; see `mpjax._src.model_state`),
 - ``"state"``: every other non-Param variable (caches, custom Variables),
 
 (empty collections are left out), and calling it merges the module back
@@ -25,10 +28,22 @@ from typing import Any, Dict, Mapping, Tuple
 import jax
 from flax import nnx
 
+from mpjax._src import model_state as model_state_lib
+
+
+class OverwriteWithGradient(nnx.Variable):
+  """An NNX variable whose gradient becomes its new value in the train step.
+
+  Grouped into ``model_state["_overwrite_with_gradient"]``; floating values
+  only (the step differentiates them).
+  """
+
+
 #: The collections an NNX model's non-param state is grouped into, in order.
 NNX_COLLECTIONS: Tuple[Tuple[str, Any], ...] = (
     ("batch_stats", nnx.BatchStat),
     ("rngs", nnx.RngState),
+    (model_state_lib.OVERWRITE_WITH_GRADIENT, OverwriteWithGradient),
 )
 OTHER_COLLECTION = "state"
 

@@ -38,7 +38,11 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
     adds its collections to the variables and marks them mutable, and what
     the forward pass writes becomes the new state's ``model_state`` (see
     `mpjax.TrainState`); the call returns the model's output alone, as
-    without state. A skipped step keeps the old model state;
+    without state. The ``"_overwrite_with_gradient"`` collection
+    (`mpjax.OVERWRITE_WITH_GRADIENT`: fp8 scales and amax histories) is
+    differentiated too, and its gradient becomes its new value; it is never
+    unscaled nor seen by the optimizer. A skipped step keeps the old model
+    state;
   - ``rng`` is ``jax.random.fold_in(state.rng, state.step)``, or None when the
     state has no key.
 
@@ -129,11 +133,15 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
     rng = None if state.rng is None else jax.random.fold_in(state.rng,
                                                             state.step)
 
-    def scaled_loss_fn(params):
+    gradient_state = model_state_lib.gradient_collection(state.model_state)
+
+    def scaled_loss_fn(params, gradient_state):
       thread = None
       model_apply = apply_fn
       if state.model_state is not None:
-        thread = model_state_lib.ModelStateThread(apply_fn, state.model_state)
+        thread = model_state_lib.ModelStateThread(
+            apply_fn, model_state_lib.with_gradient_collection(
+                state.model_state, gradient_state))
         model_apply = thread
       out = loss_fn(params, batch, model_apply, rng)
       loss, aux = out if has_aux else (out, None)
@@ -143,12 +151,17 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
             "make_train_step: loss_fn must return a floating scalar loss, got "
             f"shape {loss.shape} dtype {loss.dtype}.")
       loss = loss.astype(jnp.float32)
-      written = None if thread is None else model_state_lib.conform(
-          thread.updated, state.model_state)
+      written = None if thread is None else thread.updated
       return loss * scale, (loss, aux, written)
 
-    grads, (loss, aux, written) = jax.grad(scaled_loss_fn,
-                                           has_aux=True)(state.params)
+    (grads, gradient_written), (loss, aux, written) = jax.grad(
+        scaled_loss_fn, argnums=(0, 1), has_aux=True)(state.params,
+                                                      gradient_state)
+    if written is not None:
+      # The collection's gradient is its new value (flax's convention).
+      written = model_state_lib.conform(
+          model_state_lib.with_gradient_collection(written, gradient_written),
+          state.model_state)
     new_state = state.apply_gradients(grads=grads)
     unscaled = loss_scaled_lib.unscale_gradients(grads, scale)
     if scaled_states:
