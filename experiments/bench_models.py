@@ -21,7 +21,10 @@ from lm_common import LMConfig
 import lm_common
 import lm_models_linen
 import models
+import resnet_linen
+import resnet_models_linen
 import seed_mlp
+from resnet_common import ResNetConfig
 
 LEARNING_RATE = 1e-3
 
@@ -33,8 +36,10 @@ class ModelSpec:
   Attributes:
     name: the name in records and tables (``mlp``, ``cnn``, ``gpt``, ...).
     kind: ``"mlp"`` (x: float32 [batch, features]), ``"cnn"`` (x: float32
-      [batch, image, image, channels], NHWC) or ``"lm"`` (x, y: int32
-      [batch, seq_len] tokens); labels y are int32 [batch] for classifiers.
+      [batch, image, image, channels], NHWC), ``"resnet"`` (x as ``"cnn"``;
+      BatchNorm statistics in the state's ``model_state``) or ``"lm"`` (x, y:
+      int32 [batch, seq_len] tokens); labels y are int32 [batch] for
+      classifiers.
     batch: examples (sequences for ``lm``) per step.
   """
   name: str
@@ -47,6 +52,7 @@ class ModelSpec:
   channels: int = 3
   conv_features: Tuple[int, ...] = (16, 32)
   lm: Optional[LMConfig] = None
+  resnet: Optional[ResNetConfig] = None
 
   def describe(self) -> Dict[str, Any]:
     """The shape fields a record carries."""
@@ -58,6 +64,10 @@ class ModelSpec:
               "input": [self.image, self.image, self.channels],
               "conv_features": list(self.conv_features),
               "classes": self.classes}
+    if self.kind == "resnet":
+      return {"batch": self.batch,
+              "input": [self.image, self.image, self.channels],
+              **dataclasses.asdict(self.resnet)}
     return {"batch": self.batch, **dataclasses.asdict(self.lm)}
 
   @property
@@ -81,12 +91,20 @@ class ModelSpec:
       return models.MLP(hidden=self.hidden, num_classes=self.classes)
     if self.kind == "cnn":
       return models.CNN(features=self.conv_features, num_classes=self.classes)
+    if self.kind == "resnet":
+      return resnet_models_linen.ResNet(self.resnet)
     return lm_models_linen.TransformerLM(self.lm)
 
   @property
   def loss_fn(self) -> Callable:
     """``loss_fn(params, batch, apply_fn, rng)``: mean cross-entropy in float32."""
+    if self.kind == "resnet":
+      return resnet_linen.loss_fn  # training mode
     return lm_common.loss_fn if self.kind == "lm" else seed_mlp.loss_fn
+
+  @property
+  def init_kwargs(self) -> Dict[str, Any]:
+    return {"train": False} if self.kind == "resnet" else {}
 
 
 def cpu_models() -> Dict[str, ModelSpec]:
@@ -94,6 +112,8 @@ def cpu_models() -> Dict[str, ModelSpec]:
   return {
       "mlp": ModelSpec("mlp", "mlp", batch=128),
       "cnn": ModelSpec("cnn", "cnn", batch=32),
+      "resnet": ModelSpec("resnet", "resnet", batch=32,
+                          resnet=ResNetConfig()),  # resnet_linen's model
       "gpt": ModelSpec("gpt", "lm", batch=8, lm=LMConfig(
           vocab_size=1024, seq_len=128, num_layers=2, d_model=128,
           num_heads=4)),
@@ -111,6 +131,9 @@ def quick(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, batch=16, features=32, hidden=(16,))
   if spec.kind == "cnn":
     return dataclasses.replace(spec, batch=4, image=8, conv_features=(4,))
+  if spec.kind == "resnet":
+    return dataclasses.replace(spec, batch=4, image=8,
+                               resnet=ResNetConfig(widths=(4, 8)))
   return dataclasses.replace(spec, batch=2, lm=LMConfig(
       vocab_size=64, seq_len=16, num_layers=1, d_model=16, num_heads=2))
 
@@ -147,9 +170,13 @@ class PolicySpec:
   def policy_for(self, spec: ModelSpec):
     """The policy `TrainState.create` gets: the language model's `PolicyMap`
     (float32 islands, logits in the compute dtype: `lm_common.lm_policy`), as
-    the LM examples run it; the whole-model policy for the classifiers."""
+    the LM examples run it; a `PolicyMap` for the ResNet (BatchNorm a float32
+    island), as `resnet_common` runs it; the whole-model policy for the other
+    classifiers."""
     if spec.kind == "lm":
       return lm_common.lm_policy(self.policy)
+    if spec.kind == "resnet":
+      return mpjax.PolicyMap(self.policy, dict(self.overrides))
     if self.overrides:
       return mpjax.PolicyMap(self.policy, dict(self.overrides))
     return self.policy
@@ -208,8 +235,10 @@ def build(spec: ModelSpec, pol: PolicySpec, abstract: bool = False):
   model = spec.flax_model()
 
   def make(x):
-    params = model.init(jax.random.key(0), x[:1])["params"]
+    variables = dict(model.init(jax.random.key(0), x[:1], **spec.init_kwargs))
+    params = variables.pop("params")
     state = mpjax.TrainState.create(apply_fn=model.apply, params=params,
+                                    model_state=variables or None,
                                     tx=pol.optimizer(),
                                     policy=pol.policy_for(spec))
     return state, params
@@ -224,4 +253,14 @@ def loss_of_params(spec: ModelSpec, pol: PolicySpec, apply_fn,
   """``params -> loss`` under `pol`: what the step differentiates, without
   the optimizer (whose float32 math is not a precision island)."""
   apply = mpjax.with_policy(apply_fn, pol.policy_for(spec))
+  if spec.kind == "resnet":
+    # Training mode normalises with the batch's statistics; the running
+    # averages it updates start fresh here and are dropped (the step keeps
+    # its own in the state).
+    apply = _dropping_batch_stats(apply)
   return lambda params: spec.loss_fn(params, batch, apply, None)
+
+
+def _dropping_batch_stats(apply: Callable) -> Callable:
+  return lambda variables, *args, **kwargs: apply(
+      variables, *args, mutable=["batch_stats"], **kwargs)[0]
