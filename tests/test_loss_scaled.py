@@ -348,7 +348,8 @@ def test_16_bit_params_keep_their_update_and_state_dtypes(name, dtype):
     before = state.inner_state
     updates, state = update(poisoned(grads) if bad else grads, state, params)
     assert dtypes(state) == want
-    assert dtypes(updates) == dtypes(params)
+    # float32 updates: apply_updates rounds p + u to the params' dtype once.
+    assert set(jax.tree.leaves(dtypes(updates))) == {jnp.dtype(jnp.float32)}
     if bad:
       chex.assert_trees_all_equal(state.inner_state, before)
       chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like,
@@ -501,3 +502,55 @@ def test_a_state_that_is_not_loss_scaled_raises_naming_its_type():
     tx.update(grads_like(params, 1.0), optax.adam(1e-3).init(params), params)
   with pytest.raises(TypeError, match="It contains one"):
     tx.update(grads_like(params, 1.0), (tx.init(params),), params)
+
+
+def _marking_inner(seen):
+  """sgd whose state counts every update, applied or not, and which takes
+  loss_scaled's decision (so loss_scaled must keep its state as returned)."""
+  def update_fn(updates, state, params=None, **extra_args):
+    decision = mpjax.FiniteDecision.from_extra_args(extra_args)
+    seen.append(decision)
+    new = (state[0] + 1,)
+    if decision is not None:
+      decision.take(new)
+    return jax.tree.map(lambda g: -g, updates), new
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: (jnp.zeros([], jnp.int32),), update_fn)
+
+
+def test_the_decision_is_handed_to_an_inner_that_takes_it():
+  params = make_params()
+  seen = []
+  tx = mpjax.loss_scaled(optax.chain(optax.clip_by_global_norm(10.0),
+                                     _marking_inner(seen)), mpjax.NoScaling())
+  state = tx.init(params)
+  updates, state = tx.update(poisoned(grads_like(params, 1.0)), state, params)
+  assert isinstance(seen[-1], mpjax.FiniteDecision)
+  assert not bool(seen[-1].finite)
+  # The taken state is kept as returned (its own skip is its business);
+  # the clip's state and the updates are still selected and zeroed.
+  assert int(state.inner_state[1][0]) == 1
+  chex.assert_trees_all_equal(updates, grads_like(params, 0.0))
+
+
+def test_opaque_inners_are_not_handed_the_decision_and_are_selected():
+  params = make_params()
+  seen = []
+  marking = _marking_inner(seen)
+  narrow = optax.GradientTransformationExtraArgs(  # no **extra_args
+      marking.init, lambda u, s, p=None: marking.update(u, s, p))
+  for inner in (optax.GradientTransformation(*_marking_inner(seen)), narrow):
+    tx = mpjax.loss_scaled(inner, mpjax.NoScaling())
+    state = tx.init(params)
+    _, state = tx.update(poisoned(grads_like(params, 1.0)), state, params)
+    assert seen[-1] is None
+    assert int(state.inner_state[0]) == 0  # selected: the skip kept it
+
+
+def test_finite_decision_is_reserved():
+  params = make_params()
+  tx = mpjax.loss_scaled(optax.sgd(1.0), mpjax.NoScaling())
+  with pytest.raises(TypeError, match="finite_decision"):
+    tx.update(grads_like(params, 1.0), tx.init(params), params,
+              finite_decision=mpjax.FiniteDecision(jnp.array(True)))

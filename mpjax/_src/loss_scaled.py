@@ -1,13 +1,14 @@
 """`loss_scaled`: loss scaling and non-finite step skipping as an optax wrapper."""
 
+import inspect
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import jmp
 import optax
 
+from mpjax._src import fused_skip
 from mpjax._src import scaling as scaling_lib
 
 
@@ -107,15 +108,25 @@ def loss_scaled(inner: optax.GradientTransformation,
      Adam count, mu and nu do not move);
   4. adjusts the scale with `scaling` (see `DynamicScaling`).
 
-  Dtypes: the updates are in the params' dtypes (when `params` is given) and
-  every leaf of the inner state keeps the dtype it had, so 16-bit params and
-  16-bit optimizer state stay 16-bit (the inner optimizer computes from the
-  float32 gradients; only what it stores is rounded).
+  Dtypes: every leaf of the inner state keeps the dtype it had, so 16-bit
+  optimizer state stays 16-bit (the inner optimizer computes from the float32
+  gradients; only what it stores is rounded). The updates are what the inner
+  optimizer returns, float32 for 16-bit params: `optax.apply_updates` (and
+  `TrainState.apply_gradients`) adds them in float32 and stores the params
+  back in their own dtype, rounding once.
 
   Everything is `jnp`: no host sync, one compilation. The decision in step 3 is
   a select, not a `lax.cond`: on GPU a conditional reads its predicate on the
   host, a select fuses into the update kernels. The argument checks (tree
   structure, shapes, dtypes) are static: they run once, at trace time.
+
+  **Fused skip.** When `inner` takes extra arguments, the decision is also
+  handed to it as ``finite_decision=mpjax.FiniteDecision(finite)``
+  (`mpjax._src.fused_skip`): an inner state that applied it inside its own
+  update (`mpjax.adamw`, `mpjax.sgd`, or any transformation implementing the
+  protocol) is kept as returned, and only the rest is selected, which saves
+  XLA's copy of each donated moment. Opaque optax optimizers never see it and
+  are selected as before; the bits are the same either way.
 
   `optax.apply_if_finite` is not reused: it applies non-finite updates after
   `max_consecutive_errors` skips, and it does not hand back the finiteness
@@ -181,6 +192,7 @@ def loss_scaled(inner: optax.GradientTransformation,
         "loss_scaled: scaling must be mpjax.NoScaling(), "
         "mpjax.StaticScaling(...) or mpjax.DynamicScaling(...), got "
         f"{scaling!r} of type {type(scaling).__name__}.")
+  hands_decision = _takes_extra_args(inner)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -204,20 +216,26 @@ def loss_scaled(inner: optax.GradientTransformation,
     grads = unscale_gradients(grads, state.scale)
     leaf_finite = finite_flags(grads)
     finite = jnp.all(leaf_finite)
+    decision = fused_skip.FiniteDecision(finite)
+    if fused_skip.KEYWORD in extra_args:
+      raise TypeError(
+          f"loss_scaled: {fused_skip.KEYWORD!r} is loss_scaled's own argument "
+          "to its inner transformation; do not pass it to update.")
+    if hands_decision:
+      extra_args = dict(extra_args, **{fused_skip.KEYWORD: decision})
     updates, new_inner_state = inner.update(grads, state.inner_state, params,
                                             **extra_args)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
+                           updates)
+    inner_state = decision.select(new_inner_state, state.inner_state)
     # The inner optimizer computes from float32 gradients, which widens any
     # 16-bit state it stores; storing it back in its own dtype keeps one dtype
-    # per leaf across steps (the select, donation and the compiled signature
-    # need it) and leaves the storage dtype the optimizer's choice (mu_dtype).
-    new_inner_state = _cast_like(new_inner_state, state.inner_state)
-    if params is not None:
-      # What plain optax gives for such params: p + u stays in p's dtype
-      # even in a loop that adds the updates without optax.apply_updates.
-      updates = _cast_like(updates, params)
-    updates = jmp.select_tree(finite, updates,
-                              jax.tree.map(jnp.zeros_like, updates))
-    inner_state = jmp.select_tree(finite, new_inner_state, state.inner_state)
+    # per leaf across steps (donation and the compiled signature need it) and
+    # leaves the storage dtype the optimizer's choice (mu_dtype). The updates
+    # are not cast: apply_updates rounds p + u once, and the exact float32
+    # write-back deltas of mpjax's 16-bit master-weight optimizers
+    # (master_update) would not survive a 16-bit cast.
+    inner_state = _cast_like(inner_state, state.inner_state)
     stepped = _completes_optimizer_step(state.inner_state, inner_state)
     scale, growth_count = scaling.adjust(state.scale, state.growth_count,
                                          finite, stepped)
@@ -235,6 +253,19 @@ def loss_scaled(inner: optax.GradientTransformation,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _takes_extra_args(tx: Any) -> bool:
+  """Whether `tx.update` accepts ``finite_decision`` (optax's extra-args
+  convention is ``**extra_args``; a narrower signature is not handed it)."""
+  if not isinstance(tx, optax.GradientTransformationExtraArgs):
+    return False  # optax.with_extra_args_support drops every extra argument
+  try:
+    parameters = inspect.signature(tx.update).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD
+             or p.name == fused_skip.KEYWORD for p in parameters)
 
 
 def _cast_like(tree: chex.ArrayTree, like: chex.ArrayTree) -> chex.ArrayTree:
