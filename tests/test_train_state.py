@@ -412,3 +412,33 @@ def test_nnx_overwrite_with_gradient_variables_are_grouped_and_updated():
   np.testing.assert_allclose(
       float(state.model_state[mpjax.OVERWRITE_WITH_GRADIENT]["grad_amax"][...]),
       expected, rtol=1e-6)
+
+
+def test_flax_fp8_ops_meta_state_is_updated_by_the_step():
+  from flax.linen import fp8_ops  # pylint: disable=g-import-not-at-top
+
+  class Fp8Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, dot_general_cls=fp8_ops.Fp8DirectDotGeneralOp)(x)
+
+  model, x = Fp8Dense(), batch()["x"]
+  variables = model.init(jax.random.key(0), x)
+  state = mpjax.TrainState.create(
+      apply_fn=model.apply, params=variables["params"],
+      model_state={mpjax.OVERWRITE_WITH_GRADIENT:
+                   variables[mpjax.OVERWRITE_WITH_GRADIENT]},
+      tx=mpjax.loss_scaled(optax.sgd(0.1), mpjax.NoScaling()),
+      policy="float32")
+  step = mpjax.make_train_step(
+      lambda p, b, apply_fn, rng: jnp.mean(apply_fn({"params": p}, b) ** 2))
+  state, _ = step(state, x)
+  state, _ = step(state, 3.0 * x)
+  meta = state.model_state[mpjax.OVERWRITE_WITH_GRADIENT]["Dense_0"][
+      "Fp8DirectDotGeneralOp_0"]
+  # flax rolls its history by -1 and writes slot 0: the newest input amax
+  # (3 * max|x|) is first, the one before it last.
+  np.testing.assert_allclose(meta["input_amax_history"][jnp.array([0, -1])],
+                             [3.0 * float(jnp.max(jnp.abs(x))),
+                              float(jnp.max(jnp.abs(x)))], rtol=1e-6)
+  assert float(meta["output_grad_amax_history"][0]) > 0.0
