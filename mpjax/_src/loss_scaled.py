@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mpjax._src import attribution
 from mpjax._src import fused_skip
 from mpjax._src import scaling as scaling_lib
 
@@ -305,16 +306,9 @@ def _completes_optimizer_step(old_inner: Any, new_inner: Any) -> jax.Array:
   return stepped
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _path_str(path: Any) -> str:
   """A jax key path as ``dense/kernel`` (``<root>`` for the empty path)."""
-  return "/".join(_key_name(k) for k in path) or "<root>"
+  return attribution.path_str(path) or "<root>"
 
 
 def _check_state(state: Any) -> None:
