@@ -158,6 +158,19 @@ def test_apply_updates_gives_exactly_the_rounded_params(rounding):
   assert_bit_equal(optax.apply_updates(p, updates), expected)
 
 
+def test_loss_scaled_keeps_the_exact_write_back():
+  # Casting the float32 updates to the params' dtype would re-round ~2% here.
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=4096) * 0.02, BF16)}
+  grads = {"w": jnp.asarray(rng.normal(size=4096), jnp.float32)}
+  tx = mpjax.sgd(1e-3, rounding="stochastic", key=jax.random.key(0))
+  direct, _ = tx.update(grads, tx.init(params), params)
+  wrapped = mpjax.loss_scaled(tx, mpjax.NoScaling())
+  through, _ = wrapped.update(grads, wrapped.init(params), params)
+  assert_bit_equal(optax.apply_updates(params, through),
+                   optax.apply_updates(params, direct))
+
+
 def test_kahan_recovers_updates_below_half_an_ulp_exactly():
   tiny = 2.0**-10  # a quarter of bfloat16's half-ulp at 1.0
   kahan, nearest = (mpjax.sgd(1.0, rounding=r) for r in ("kahan", "nearest"))
@@ -412,6 +425,51 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
       s, _ = step(s, batch)
     runs.append(s)
   assert_bit_equal(runs[0], runs[1])
+
+
+SHARDED = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np, optax, mpjax
+mesh = jax.make_mesh((4,), ("fsdp",))
+plan = mpjax.fsdp(mesh, min_shard_elements=16)
+rng = np.random.default_rng(0)
+params = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.bfloat16),
+          "b": jnp.zeros(32, jnp.bfloat16)}
+grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                           jnp.float32), params)
+out = []
+for rounding in ("stochastic", "kahan"):
+  tx = mpjax.loss_scaled(mpjax.adamw(
+      1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, b2=0.95,
+      rounding=rounding,
+      key=jax.random.key(0) if rounding == "stochastic" else None),
+      mpjax.NoScaling())
+  state = tx.init(params)
+  def run(p, s):
+    for _ in range(3):
+      u, s = tx.update(grads, s, p)
+      p = optax.apply_updates(p, u)
+    return p, s
+  one = jax.jit(run)(params, state)
+  shard = plan.state_shardings((params, state))
+  placed = jax.device_put((params, state), shard)
+  many = jax.jit(run, in_shardings=shard, out_shardings=shard)(*placed)
+  assert len(many[0]["w"].sharding.device_set) == 4
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(
+      jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16
+      else a, jax.lax.bitcast_convert_type(b, jnp.uint16)
+      if b.dtype == jnp.bfloat16 else b)), one, many)
+  out.append(all(jax.tree.leaves(same)))
+print("SHARDED", out)
+"""
+
+
+def test_fsdp_sharded_updates_are_bit_identical_to_one_device():
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  run = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True,
+                       text=True, timeout=600)
+  assert "SHARDED [True, True]" in run.stdout, run.stderr[-2000:]
 
 
 # --- warnings and argument errors -----------------------------------------
