@@ -127,8 +127,14 @@ def make_optimizer(args: argparse.Namespace,
 
 def run_config(run: RunConfig, build: Build, config: LMConfig,
                corpus: lm_data.Corpus, args: argparse.Namespace,
-               log: Optional[mpjax.MetricsWriter] = None) -> dict:
-  """Trains one configuration; returns its row."""
+               log: Optional[mpjax.MetricsWriter] = None,
+               doctor_model: Optional[Callable[[LMConfig, int], Any]] = None
+               ) -> dict:
+  """Trains one configuration; returns its row.
+
+  `doctor_model(config, seed)`, for ``--doctor`` on NNX, builds the module
+  (the doctor prepares it under each policy itself).
+  """
   if args.optimizer_precision is not None:  # params in the preset's dtype
     run = dataclasses.replace(run, policy=mpjax.PolicyMap(
         optimizer_precision.with_param_dtype(run.policy.default,
@@ -137,6 +143,12 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
   state = mpjax.TrainState.create(apply_fn=apply_fn, params=params,
                                   tx=make_optimizer(args, run.scaling),
                                   policy=run.policy)
+  # NNX: the doctor prepares its own copies of the module (doctor_model).
+  training.doctor(
+      args, run.name, state if doctor_model is None else
+      doctor_model(config, args.seed), lm_data.train_batches(
+          corpus.train, args.batch_size, config.seq_len, seed=args.seed),
+      loss_fn, run.policy)
   step = mpjax.make_train_step(loss_fn, attribution=args.attribution,
                                grad_stats_every=args.stats_every)
   batch_at = training.sequential(lm_data.train_batches(
@@ -260,7 +272,9 @@ def gap_failures(rows: List[dict], max_gap_pct: float) -> List[str]:
           abs(r["val_gap_pct"]) > max_gap_pct]
 
 
-def main(argv: List[str], api: str, build: Build) -> Dict[str, Any]:
+def main(argv: List[str], api: str, build: Build,
+         doctor_model: Optional[Callable[[LMConfig, int], Any]] = None
+         ) -> Dict[str, Any]:
   """Runs the configurations, prints the table, writes JSON; returns it.
 
   Raises:
@@ -276,9 +290,11 @@ def main(argv: List[str], api: str, build: Build) -> Dict[str, Any]:
   runs = [r for r in CONFIGS if r.name in args.configs]
   if args.metrics:
     with mpjax.MetricsWriter(args.metrics) as log:
-      rows = [run_config(r, build, config, corpus, args, log) for r in runs]
+      rows = [run_config(r, build, config, corpus, args, log, doctor_model)
+              for r in runs]
   else:
-    rows = [run_config(r, build, config, corpus, args) for r in runs]
+    rows = [run_config(r, build, config, corpus, args,
+                       doctor_model=doctor_model) for r in runs]
   reference = next((r for r in rows if r["config"] == "float32"), None)
   for row in rows:
     row["val_gap_pct"] = (None if reference is None else

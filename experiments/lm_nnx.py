@@ -42,7 +42,9 @@ def build(config: lm_common.LMConfig, policy: Any,
 
 
 def main(argv):
-  return lm_common.main(argv, "nnx", build)
+  return lm_common.main(argv, "nnx", build, doctor_model=lambda config, seed:
+                        lm_models_nnx.TransformerLM(config,
+                                                    rngs=nnx.Rngs(seed)))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ def run_config(run: RunConfig, api: Api, config: ResNetConfig,
                                grad_stats_every=args.stats_every)
   batch_at = training.sequential(resnet_data.train_batches(
       data.x_train, data.y_train, args.batch_size, seed=args.seed))
+  training.doctor(args, run.name, state, resnet_data.train_batches(
+      data.x_train, data.y_train, args.batch_size, seed=args.seed),
+                  api.loss_fn)
   start = time.perf_counter()
   compiled = step.lower(state, batch_at(0)).compile()
   compile_s = time.perf_counter() - start

@@ -115,6 +115,7 @@ def run_config(config: Config, split: datasets.Split,
         f"{len(split.x_train)} training examples.")
   batches = [(epoch, batch) for epoch, epoch_list in enumerate(epochs)
              for batch in epoch_list]
+  training.doctor(args, config.name, state, (b for _, b in batches), loss_fn)
 
   start = time.perf_counter()
   compiled = step.lower(state, batches[0][1]).compile()

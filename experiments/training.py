@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
   parser.add_argument("--resume", action="store_true",
                       help="continue each configuration from its latest "
                            "checkpoint in --checkpoint-dir")
+  parser.add_argument("--doctor", action="store_true",
+                      help="before training each mixed configuration, "
+                           "compare it with float32 on its first batches "
+                           "(mpjax.precision_doctor) and print the diagnosis")
+  parser.add_argument("--doctor-batches", type=int, default=2,
+                      help="batches the --doctor diagnosis compares")
   parser.add_argument("--stop-after", type=int, default=None,
                       help="stop each configuration after this many steps in "
                            "this invocation, checkpointed (a job with a time "
@@ -60,7 +66,8 @@ def check_arguments(parser: argparse.ArgumentParser,
                     args: argparse.Namespace) -> None:
   """parser.error for flag values `add_arguments`'s flags cannot take."""
   for flag, least in (("log_every", 1), ("stats_every", 0),
-                      ("max_consecutive_skips", 1), ("checkpoint_every", 1)):
+                      ("max_consecutive_skips", 1), ("checkpoint_every", 1),
+                      ("doctor_batches", 1)):
     if getattr(args, flag) < least:
       parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got "
                    f"{getattr(args, flag)}")
@@ -103,6 +110,34 @@ class LoopResult:
   step_times: List[float]  # per step with time_each_step, else []
   elapsed_s: float  # wall time of the timed steps (ends synchronised)
   timed_steps: int  # steps after `warmup`
+
+
+def doctor(args: argparse.Namespace, name: str, model: Any,
+           batches: Iterator[Any], loss_fn: Callable, policy: Any = None,
+           **kwargs) -> Optional[mpjax.Diagnosis]:
+  """With --doctor, prints `mpjax.precision_doctor`'s diagnosis of `model`.
+
+  Args:
+    args: the flags (``--doctor``, ``--doctor-batches``).
+    name: the configuration, for the heading.
+    model: what `precision_doctor` takes (a `TrainState`, an NNX module, a
+      linen apply function with ``params=`` in `kwargs`).
+    batches: an iterator of training batches; the first ``--doctor-batches``
+      are compared.
+    loss_fn: the configuration's ``loss_fn(params, batch, apply_fn, rng)``.
+    policy: the candidate (default: the TrainState's). A float32 policy is
+      not diagnosed: it is the reference.
+    **kwargs: further `precision_doctor` arguments.
+  """
+  if not args.doctor:
+    return None
+  candidate = model.policy if policy is None else policy
+  if mpjax.get_policy(candidate).compute_dtype == jax.numpy.float32:
+    return None
+  data = [next(batches) for _ in range(args.doctor_batches)]
+  diagnosis = mpjax.precision_doctor(model, data, loss_fn, policy, **kwargs)
+  print(f"== precision doctor: {name}\n{diagnosis}\n", flush=True)
+  return diagnosis
 
 
 def sequential(batches: Iterator[Any]) -> Callable[[int], Any]:

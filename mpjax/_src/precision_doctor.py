@@ -169,8 +169,8 @@ class LeafDiagnosis:
 
   Attributes:
     path: ``"Dense_0/kernel"``.
-    cosine: cosine similarity of the gradients (NaN when one is all zero
-      or non-finite).
+    cosine: cosine similarity of the gradients (0 when the policy's is all
+      zero; NaN when the float32 one is, or the policy's is non-finite).
     error: ``||g - g_ref|| / ||g_ref||`` (inf when non-finite).
     flush_share: share of nonzero float32 gradient entries that the compute
       dtype flushes to zero or subnormal at the loss scale.
@@ -349,7 +349,7 @@ class Diagnosis:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    floor = 1e-12
+    floor = 1e-7  # below any 16-bit error: keeps the axis readable
     depth = np.arange(len(self.modules))
     clip = lambda v: min(max(v, floor), 1e3) if not math.isnan(v) else 1e3
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(depth) + 2), 4))
@@ -670,6 +670,11 @@ def _as_model(model: Any, params: Any, model_state: Any) -> _Model:
   if params is None:
     raise ValueError("precision_doctor: a linen model needs params= (the "
                      "'params' collection; model_state= for the others).")
+  if isinstance(params, nnx.State):
+    raise TypeError(
+        f"precision_doctor: {model!r} is not an NNXApply but its params are "
+        "an nnx.State: pass the nnx.Module itself or a TrainState.from_nnx "
+        "(the doctor prepares copies of the module under each policy).")
   if model_state is not None and not isinstance(model_state, dict):
     raise TypeError("precision_doctor: model_state must be a dict of "
                     "collections such as {'batch_stats': ...}, got "
@@ -1002,8 +1007,10 @@ def _ratio(diff2: float, norm2: float, stats: Dict[str, Any]) -> float:
 
 
 def _cosine(s: Dict[str, Any]) -> float:
-  if s["nonfinite"] or s["g2"] == 0 or s["r2"] == 0:
+  if s["nonfinite"] or s["r2"] == 0:
     return math.nan
+  if s["g2"] == 0:
+    return 0.0  # the policy lost the whole gradient
   return float(s["dot"] / math.sqrt(s["g2"] * s["r2"]))
 
 
