@@ -45,10 +45,14 @@ class ScaleCollapseWarning(UserWarning):
   """The loss scale fell to its floor more than once: float16 may not fit."""
 
 
-COLLAPSE_HINT = (
-    "the scale keeps collapsing: this model may need bfloat16 (policy "
-    "'mixed_bfloat16' has float32's range and needs no loss scale), or the "
-    "layers named above need float32 islands")
+def _collapse_hint(named_leaves: bool) -> str:
+  """The advice when the scale collapses; names layers only if some were."""
+  layers = ("the layers named above" if named_leaves else
+            "the layers whose gradients overflow (make_train_step(..., "
+            "attribution=True) names them)")
+  return ("the scale keeps collapsing: this model may need bfloat16 (policy "
+          "'mixed_bfloat16' has float32's range and needs no loss scale), or "
+          f"{layers} need float32 islands")
 
 
 def _scalar(metrics: Mapping[str, Any], key: str) -> Optional[float]:
@@ -202,7 +206,7 @@ class SkipGuard:
         self._warned = True
         warnings.warn(
             f"The loss scale fell to {scale:g} (<= {self.collapse_scale:g}) "
-            f"for the {self.collapses}th time: {COLLAPSE_HINT}.",
+            f"for the {self.collapses}th time: {_collapse_hint(False)}.",
             ScaleCollapseWarning, stacklevel=2)
     if scale is not None:
       self._last_scale = scale
@@ -210,18 +214,19 @@ class SkipGuard:
     loss_finite = loss is None or math.isfinite(loss)
     if not loss_finite and not self.loss_scaled:
       self._raise(
-          f"The loss is {loss} at step {self._at(step)} and this run has no "
+          f"The loss is {loss}{self._at(step)} and this run has no "
           "loss scaling, so no smaller scale can fix it.", step, loss, scale,
           loss_finite)
     if consecutive >= self.max_consecutive_skips:
       self._raise(
           f"{consecutive} consecutive steps were skipped for non-finite "
-          f"gradients (limit {self.max_consecutive_skips}), at step "
-          f"{self._at(step)}.", step, loss, scale, loss_finite)
+          f"gradients (limit {self.max_consecutive_skips})"
+          f"{self._at(step, ',')}.", step, loss, scale, loss_finite)
 
   @staticmethod
-  def _at(step: Optional[int]) -> str:
-    return "?" if step is None else str(step)
+  def _at(step: Optional[int], separator: str = "") -> str:
+    """`` at step N`` after `separator`, or nothing when the step is unknown."""
+    return "" if step is None else f"{separator} at step {step}"
 
   def _leaf_paths(self, metrics: Mapping[str, Any]) -> Optional[List[str]]:
     if metrics.get("leaf_grads_finite") is not None:
@@ -254,7 +259,8 @@ class SkipGuard:
           "mpjax.debug_forward(apply_fn, variables, batch) names the first "
           "module whose output did.")
     if self.loss_scaled and self._collapsed(scale):
-      parts.append(COLLAPSE_HINT[0].upper() + COLLAPSE_HINT[1:] + ".")
+      hint = _collapse_hint(bool(self._last_leaves))
+      parts.append(hint[0].upper() + hint[1:] + ".")
     raise NonFiniteTrainingError(
         " ".join(parts), step=step, consecutive_skips=self.consecutive_skips,
         leaf_paths=self._last_leaves, loss=loss, loss_scale=scale)
