@@ -191,6 +191,15 @@ COLUMNS = (
 )
 
 
+def accuracy_gap(points_below: float) -> str:
+  """'0.45 points below float32', '0.22 points above float32' or 'equal to
+  float32's' (two decimals, no signed zero)."""
+  if round(points_below, 2) == 0:
+    return "equal to float32's"
+  side = "below" if points_below > 0 else "above"
+  return f"{abs(points_below):.2f} points {side} float32"
+
+
 def parse_args(argv: List[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data-dir", default=None,
@@ -248,8 +257,8 @@ def main(argv: List[str]) -> dict:
             for r in rows if r is not reference}
     result["accuracy_gap_points"] = gaps
     for name, gap in gaps.items():
-      print(f"{name}: {gap:+.2f} points below float32 "
-            f"({'within' if gap <= 1.0 else 'NOT within'} 1.0)")
+      print(f"{name}: test accuracy {accuracy_gap(gap)} "
+            f"({'within' if gap <= 1.0 else 'NOT within'} 1.0 point)")
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
