@@ -20,18 +20,22 @@ import jax.numpy as jnp
 import optax
 
 
-def _one_minus_power(beta: float, count: jax.Array) -> jax.Array:
-  """``1 - beta**count`` in float32 without cancellation (count int32 >= 1)."""
+def one_minus_power(beta: float, count: jax.Array) -> jax.Array:
+  """``1 - beta**count`` in float32 without cancellation (count int32 >= 1).
+
+  The bias correction of `adam` and of `mpjax.adamw`.
+  """
   if beta == 0.0:  # log(0) is undefined; 0**count is 0 for every count >= 1
     return jnp.ones(jnp.shape(count), jnp.float32)
   return -jnp.expm1(count.astype(jnp.float32) * jnp.float32(math.log(beta)))
 
 
-def _check_beta(name: str, beta: Any) -> float:
+def check_beta(name: str, beta: Any, owner: str = "adam") -> float:
+  """`beta` as a float in [0, 1), or a TypeError/ValueError naming it."""
   if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-    raise TypeError(f"adam: {name} must be a float, got {beta!r}.")
+    raise TypeError(f"{owner}: {name} must be a float, got {beta!r}.")
   if not 0.0 <= beta < 1.0:
-    raise ValueError(f"adam: {name} must be in [0, 1), got {beta!r}.")
+    raise ValueError(f"{owner}: {name} must be in [0, 1), got {beta!r}.")
   return float(beta)
 
 
@@ -51,7 +55,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     A transformation whose state is an `optax.ScaleByAdamState` (int32 count,
     mu, nu shaped like the params).
   """
-  b1, b2 = _check_beta("b1", b1), _check_beta("b2", b2)
+  b1, b2 = check_beta("b1", b1), check_beta("b2", b2)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
@@ -65,7 +69,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
-    c1, c2 = _one_minus_power(b1, count), _one_minus_power(b2, count)
+    c1, c2 = one_minus_power(b1, count), one_minus_power(b2, count)
     updates = jax.tree.map(
         lambda m, v: (m / c1.astype(m.dtype))
         / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps), mu, nu)

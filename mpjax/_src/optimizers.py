@@ -267,15 +267,14 @@ def _check_hyper(check: Callable, name: str, value: Any, owner: str) -> Any:
       raise TypeError(f"{owner}: {name} must be a float or a float scalar, "
                       f"got {value!r}.")
     return value
-  return check(name, value) if check is adam_lib._check_beta else check(  # pylint: disable=protected-access
-      name, value, owner)
+  return check(name, value, owner)
 
 
 def _one_minus_power(beta: Any, count: chex.Array) -> chex.Array:
   """``1 - beta**count``: `mpjax.adam`'s for a Python float, the same
   formula in float32 for an injected (array) beta."""
   if not hasattr(beta, "dtype"):
-    return adam_lib._one_minus_power(beta, count)  # pylint: disable=protected-access
+    return adam_lib.one_minus_power(beta, count)
   beta = jnp.asarray(beta, jnp.float32)
   return -jnp.expm1(count.astype(jnp.float32) * jnp.log(beta))
 
@@ -360,8 +359,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   """
   owner = "mpjax.adamw"
   _check_learning_rate(learning_rate, owner)
-  b1 = _check_hyper(adam_lib._check_beta, "b1", b1, owner)  # pylint: disable=protected-access
-  b2 = _check_hyper(adam_lib._check_beta, "b2", b2, owner)  # pylint: disable=protected-access
+  b1 = _check_hyper(adam_lib.check_beta, "b1", b1, owner)
+  b2 = _check_hyper(adam_lib.check_beta, "b2", b2, owner)
   eps = _check_hyper(_check_float, "eps", eps, owner)
   eps_root = _check_hyper(_check_float, "eps_root", eps_root, owner)
   weight_decay = _check_hyper(_check_float, "weight_decay", weight_decay,
@@ -470,8 +469,7 @@ def sgd(learning_rate: optax.ScalarOrSchedule,
   owner = "mpjax.sgd"
   _check_learning_rate(learning_rate, owner)
   if momentum is not None:
-    momentum = _check_hyper(adam_lib._check_beta, "momentum", momentum,  # pylint: disable=protected-access
-                            owner)
+    momentum = _check_hyper(adam_lib.check_beta, "momentum", momentum, owner)
   if not isinstance(nesterov, bool):
     raise TypeError(f"{owner}: nesterov must be a bool, got {nesterov!r}.")
   mu_dtype = _storage_dtype("mu_dtype", mu_dtype, owner)
