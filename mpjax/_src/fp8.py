@@ -40,9 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpjax._src import model_state as model_state_lib
+
 #: The collection (linen) / model-state entry fp8 state lives in: flax's own
 #: name, so flax ``fp8_ops`` layers train through `mpjax.make_train_step` too.
-OVERWRITE_WITH_GRADIENT = "_overwrite_with_gradient"
+OVERWRITE_WITH_GRADIENT = model_state_lib.OVERWRITE_WITH_GRADIENT
 
 FORMATS: Dict[str, Any] = {"e4m3": jnp.float8_e4m3fn,
                            "e5m2": jnp.float8_e5m2}

@@ -32,6 +32,7 @@ from flax import nnx
 
 from mpjax._src import applied_maps
 from mpjax._src import casting
+from mpjax._src import fp8_layers
 from mpjax._src import hooks
 from mpjax._src import hooks_linen
 from mpjax._src import islands
@@ -86,6 +87,9 @@ def policy_hook(pm: policy_map_lib.PolicyMap,
     if resolved.boundary:
       args, kwargs = casting.cast_floating((args, kwargs),
                                            policy.compute_dtype)
+    if (resolved.fp8 is not None and call.method == "__call__" and
+        issubclass(call.cls, islands.FP8_LAYERS)):
+      next_fun = fp8_layers.linen_call(module, resolved.fp8, next_fun)
     # flax reads self.attention_fn inside __call__: swapping it for the
     # call is the only seam that reaches it without rebuilding the module.
     original = getattr(module, "attention_fn", None)

@@ -43,6 +43,7 @@ from flax import nnx
 
 from mpjax._src import applied_maps
 from mpjax._src import casting
+from mpjax._src import fp8_layers
 from mpjax._src import hooks
 from mpjax._src import hooks_nnx
 from mpjax._src import islands
@@ -196,6 +197,7 @@ def _undo(model: nnx.Module) -> None:
     if record.original_dtype is not _UNSET:
       module.dtype = record.original_dtype
     hooks_nnx.detach(module)
+    fp8_layers.detach_state(module)
     delattr(module, _ATTR)
 
 
@@ -249,9 +251,14 @@ def with_nnx_policy(model: nnx.Module, policy: Any) -> nnx.Module:
         islands.is_flax_attention_fn(attention_fn)):
       original_attention_fn = attention_fn
       module.attention_fn = numerics.dot_product_attention
-    # Only a boundary runs the policy's hook (and changes class).
+    # Only a boundary runs the policy's hook (and changes class); an fp8
+    # layer runs its fp8 hook inside it.
+    site_hooks = (hook,) if decision.boundary else ()
+    if (decision.fp8 is not None and
+        issubclass(sites[path][1][-1][1], islands.FP8_LAYERS)):
+      fp8_layers.attach_state(module, decision.fp8)
+      site_hooks += (fp8_layers.Fp8Hook(decision.fp8),)
     hooks_nnx.attach(module, hooks_nnx.Site(
-        sites[path][0], sites[path][1], decision,
-        (hook,) if decision.boundary else ()))
+        sites[path][0], sites[path][1], decision, site_hooks))
     setattr(module, _ATTR, _Record(pm, original_dtype, original_attention_fn))
   return model

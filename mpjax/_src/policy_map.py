@@ -59,6 +59,19 @@ bfloat16) is not; write ``"p=f32,c=bf16,o=bf16"``. Running statistics
 A `PolicyMap` is a `jmp.Policy` whose three dtypes are the default's, so code
 that knows only whole-model policies (``policy_name``, ``TrainState``) treats
 it as its default.
+
+**FP8 entries.** An entry's value may be an fp8 recipe
+(`mpjax.DelayedScaling`, `mpjax.CurrentScaling`) instead of a policy:
+``{nn.Dense: mpjax.DelayedScaling()}`` or ``{"**/mlp/*": ...}``. A matched
+matmul layer (`islands.FP8_LAYERS`: Dense, DenseGeneral; NNX Linear,
+LinearGeneral, Einsum) runs its matmul in fp8 (`mpjax._src.fp8_dot`) and the
+rest of its call (bias, casts) like a low-precision layer of the inherited
+policy; a matched attention layer or container is not a boundary and passes
+the recipe to the matmul layers under it (the attention projections; its
+softmax stays as the policy says), where any other entry still wins. An fp8
+entry that matches a flax layer with no matmul fp8 can run
+(`islands.NO_FP8_LAYERS`: norms, Conv, Embed, Dropout, linen's Einsum)
+raises `ValueError` naming the module.
 """
 
 import dataclasses
@@ -70,6 +83,7 @@ from typing import (Any, Iterable, Mapping, NamedTuple, Optional, Sequence,
 import jax.numpy as jnp
 import jmp
 
+from mpjax._src import fp8 as fp8_lib
 from mpjax._src import islands as islands_lib
 from mpjax._src import policy as policy_lib
 
@@ -95,12 +109,15 @@ class ModulePolicy(NamedTuple):
       `mpjax.numerics.dot_product_attention` in this module.
     matched: the entry keys that matched this module (won or not), for
       ``strict=True``.
+    fp8: the fp8 recipe of this module's matmuls (fp8 layers) or of the
+      matmul layers under it, or None.
   """
   policy: jmp.Policy
   boundary: bool
   rule: str
   attention_island: bool
   matched: Tuple[EntryKey, ...]
+  fp8: Optional[fp8_lib.Recipe] = None
 
 
 def _key_repr(key: EntryKey) -> str:
@@ -161,7 +178,9 @@ def _specificity(pattern: Tuple[str, ...]) -> Tuple[int, int, int]:
           sum(ch in _WILDCARDS for s in pattern for ch in s))
 
 
-def _to_policy(key: EntryKey, value: Any) -> jmp.Policy:
+def _to_policy(key: EntryKey, value: Any) -> Any:
+  if fp8_lib.is_recipe(value):
+    return value
   if isinstance(value, PolicyMap):
     raise TypeError(
         f"PolicyMap entry {_key_repr(key)}: a PolicyMap cannot be an entry; "
@@ -171,7 +190,8 @@ def _to_policy(key: EntryKey, value: Any) -> jmp.Policy:
         f"PolicyMap entry {_key_repr(key)}: {value!r} (of type "
         f"{type(value).__name__}) is not a policy; expected a preset name "
         f"{sorted(policy_lib.PRESETS)}, a jmp policy string such as "
-        "'p=f32,c=bf16,o=bf16', or a jmp.Policy.")
+        "'p=f32,c=bf16,o=bf16', a jmp.Policy, or an fp8 recipe "
+        "(mpjax.DelayedScaling(), mpjax.CurrentScaling()).")
   try:
     return policy_lib.get_policy(value)
   except (TypeError, ValueError) as e:
@@ -259,7 +279,8 @@ class PolicyMap(jmp.Policy):
             f"PolicyMap entry key {key!r} (of type {type(key).__name__}) must "
             "be a path pattern (str) or a module class.")
       policy = _to_policy(key, value)
-      if jnp.dtype(policy.param_dtype) != jnp.dtype(default.param_dtype):
+      if (not fp8_lib.is_recipe(policy) and jnp.dtype(policy.param_dtype) !=
+          jnp.dtype(default.param_dtype)):
         suggestion = policy_lib.policy_name(jmp.Policy(
             default.param_dtype, policy.compute_dtype, policy.output_dtype))
         raise ValueError(
@@ -284,8 +305,10 @@ class PolicyMap(jmp.Policy):
       object.__setattr__(self, name, value)
 
   def __repr__(self) -> str:
-    entries = ", ".join(f"{_key_repr(k)}: '{policy_lib.policy_name(p)}'"
-                        for k, p in self.overrides)
+    entries = ", ".join(
+        f"{_key_repr(k)}: "
+        + (repr(p) if fp8_lib.is_recipe(p) else
+           f"'{policy_lib.policy_name(p)}'") for k, p in self.overrides)
     return (f"PolicyMap('{policy_lib.policy_name(self.default)}', "
             f"{{{entries}}}, islands={self.islands}, strict={self.strict})")
 
@@ -333,8 +356,30 @@ class PolicyMap(jmp.Policy):
           f"include {shown or 'none'}).")
 
 
+def _fp8_level(key: EntryKey, recipe: fp8_lib.Recipe, path: str, cls: type,
+               inherited: jmp.Policy, rule: str, attention: bool,
+               matched: Tuple[EntryKey, ...], is_root: bool) -> ModulePolicy:
+  """What an fp8 entry that won gives a module (see the module docstring)."""
+  if issubclass(cls, islands_lib.NO_FP8_LAYERS):
+    raise ValueError(
+        f"PolicyMap entry {_key_repr(key)}: {recipe!r} matches module "
+        f"{path or '(root)'!r} ({cls.__module__}.{cls.__name__}), which has "
+        "no matmul fp8 can run; fp8 runs in linen Dense and DenseGeneral and "
+        "NNX Linear, LinearGeneral and Einsum layers (and in those under an "
+        "attention layer or container an entry names): narrow the pattern "
+        "or class.")
+  if issubclass(cls, islands_lib.FP8_LAYERS):
+    policy = jmp.Policy(inherited.param_dtype, inherited.compute_dtype,
+                        (inherited.output_dtype if is_root
+                         else inherited.compute_dtype))
+    return ModulePolicy(policy, True, f"{rule} (fp8)", attention, matched,
+                        recipe)
+  return ModulePolicy(inherited, is_root, f"{rule} (fp8)", attention,
+                      matched, recipe)
+
+
 def _level(pm: PolicyMap, path: str, cls: type, inherited: jmp.Policy,
-           is_root: bool) -> ModulePolicy:
+           is_root: bool, inherited_fp8: Any = None) -> ModulePolicy:
   """Applies rules 1-4 to one module given its parent's effective policy."""
   segments = tuple(path.split("/")) if path else ()
   path_hits = [(k, p) for k, p in pm.overrides
@@ -355,10 +400,17 @@ def _level(pm: PolicyMap, path: str, cls: type, inherited: jmp.Policy,
           f"match module {path!r} with equal specificity; add an entry for "
           "it or make one pattern more specific.")
     key, policy = ranked[0]
+    if fp8_lib.is_recipe(policy):
+      return _fp8_level(key, policy, path, cls, inherited, f"path {key!r}",
+                        attention, matched, is_root)
     return ModulePolicy(policy, True, f"path {key!r}", attention, matched)
   if class_hits:
     mro = cls.__mro__
     key, policy = min(class_hits, key=lambda kp: mro.index(kp[0]))
+    if fp8_lib.is_recipe(policy):
+      return _fp8_level(key, policy, path, cls, inherited,
+                        f"class {key.__qualname__}", attention, matched,
+                        is_root)
     return ModulePolicy(policy, True, f"class {key.__qualname__}", attention,
                         matched)
   output = inherited.output_dtype if is_root else None
@@ -369,11 +421,15 @@ def _level(pm: PolicyMap, path: str, cls: type, inherited: jmp.Policy,
   if pm.islands and issubclass(cls, islands_lib.LOW_PRECISION_LAYERS):
     policy = jmp.Policy(inherited.param_dtype, inherited.compute_dtype,
                         output or inherited.compute_dtype)
-    return ModulePolicy(policy, True, "low-precision layer", attention,
-                        matched)
+    fp8 = (inherited_fp8 if issubclass(cls, islands_lib.FP8_LAYERS)
+           else None)
+    return ModulePolicy(policy, True, "low-precision layer" +
+                        (" (fp8)" if fp8 is not None else ""), attention,
+                        matched, fp8)
   if is_root:
     return ModulePolicy(inherited, True, "default", attention, matched)
-  return ModulePolicy(inherited, False, "inherited", attention, matched)
+  return ModulePolicy(inherited, False, "inherited", attention, matched,
+                      inherited_fp8)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -383,7 +439,8 @@ def _resolve(pm: PolicyMap, chain: Chain) -> ModulePolicy:
   if len(chain) == 1:
     return _level(pm, chain[0][0], chain[0][1], pm.default, is_root=True)
   parent = _resolve(pm, chain[:-1])
-  return _level(pm, chain[-1][0], chain[-1][1], parent.policy, is_root=False)
+  return _level(pm, chain[-1][0], chain[-1][1], parent.policy, is_root=False,
+                inherited_fp8=parent.fp8)
 
 
 def as_policy_map(policy: Any) -> PolicyMap:
