@@ -44,6 +44,11 @@ from mpjax._src.metrics_log import MetricsWriter
 from mpjax._src.metrics_log import ProgressBar
 from mpjax._src.metrics_log import read_metrics
 from mpjax._src.metrics_log import record_from_metrics
+from mpjax._src.fp8 import CurrentScaling
+from mpjax._src.fp8 import DelayedScaling
+from mpjax._src.fp8 import saturating_cast
+from mpjax._src.fp8_dot import fp8_dot_general
+from mpjax._src.fp8_dot import fp8_einsum
 from mpjax._src.policy_map import PolicyMap
 from mpjax._src.model_state import OVERWRITE_WITH_GRADIENT
 from mpjax._src.nnx_apply import NNXApply
@@ -88,6 +93,8 @@ __all__ = (
     "AdamWState",
     "CheckpointManager",
     "CompiledAudit",
+    "CurrentScaling",
+    "DelayedScaling",
     "Diagnosis",
     "DoctorThresholds",
     "DynamicScaling",
@@ -133,6 +140,8 @@ __all__ = (
     "data_parallel",
     "debug_forward",
     "finite_flags",
+    "fp8_dot_general",
+    "fp8_einsum",
     "fsdp",
     "get_policy",
     "gpu_target",
@@ -153,6 +162,7 @@ __all__ = (
     "record_from_metrics",
     "residuals",
     "restore",
+    "saturating_cast",
     "save",
     "scale_loss",
     "sgd",
