@@ -36,6 +36,7 @@ is skipped with a line saying so.
 """
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -55,23 +56,47 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mpjax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import bench_compiled  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_core  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_models  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_peers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SUITE_MODELS = {"cpu": ("mlp", "cnn", "gpt"),
-                "gpu": ("gpt2-124m", "mlp", "cnn", "gpt")}
-SUITE_PEER_MODELS = {"cpu": ("mlp", "cnn", "gpt"), "gpu": ("gpt2-124m",)}
+                "gpu": ("gpt2-124m", "mlp", "cnn", "gpt"),
+                "gpu-compiled": ("gpt2-124m", "flax-lm", "mlp", "cnn", "gpt")}
+SUITE_PEER_MODELS = {"cpu": ("mlp", "cnn", "gpt"), "gpu": ("gpt2-124m",),
+                     "gpu-compiled": ()}
 # Audited, traced and projected from shapes alone, never run.
-SUITE_AUDIT_ONLY = {"cpu": ("gpt2-124m",), "gpu": ()}
-MODELS = ("mlp", "cnn", "gpt", "gpt2-124m")
+SUITE_AUDIT_ONLY = {"cpu": ("gpt2-124m",), "gpu": (), "gpu-compiled": ()}
+MODELS = ("mlp", "cnn", "gpt", "gpt2-124m", "flax-lm")
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description="mpjax benchmarks (see the module docstring).")
-  parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
+  parser.add_argument("--suite", choices=("cpu", "gpu", "gpu-compiled"),
+                      default="cpu",
+                      help="gpu-compiled: every step compiled for GPU targets "
+                           "on this machine (no GPU; bench_compiled.py)")
+  parser.add_argument("--targets", nargs="+",
+                      default=list(bench_compiled.TARGETS),
+                      help="gpu-compiled: GPU targets (mpjax.gpu_target "
+                           "names)")
+  parser.add_argument("--no-batch-search", dest="batch_search",
+                      action="store_false",
+                      help="gpu-compiled: skip the largest-batch search")
+  parser.add_argument("--batch-search-only", action="store_true",
+                      help="gpu-compiled: only the largest-batch search")
+  parser.add_argument("--variants", nargs="+",
+                      choices=("island", "fused-attention",
+                               "xla-excess-precision"),
+                      help="gpu-compiled: only these step variants")
+  parser.add_argument("--batch-searches", nargs="+",
+                      help="gpu-compiled: POLICY/VARIANT searches (default: "
+                           "float32/island mixed_bfloat16/island "
+                           "mixed_float16/island mixed_bfloat16/fused-attention "
+                           "mixed_float16/fused-attention)")
   parser.add_argument("--out", help="output directory (default "
                       "benchmarks/<suite>)")
   parser.add_argument("--models", nargs="+", choices=MODELS,
@@ -140,6 +165,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def specs(args: argparse.Namespace) -> Dict[str, bench_models.ModelSpec]:
   out = dict(bench_models.cpu_models())
   out["gpt2-124m"] = bench_models.gpt2_124m(args.gpt2_batch, args.gpt2_seq)
+  out["flax-lm"] = bench_models.flax_lm(args.gpt2_batch, args.gpt2_seq)
   if args.quick:
     out = {k: bench_models.quick(v) for k, v in out.items()}
   return {k: out[k] for k in list(args.models) + list(args.audit_only)}
@@ -153,6 +179,12 @@ def environment(argv: List[str], args: argparse.Namespace) -> Dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
       versions[name] = "?"
   versions["mpjax"] = mpjax.__version__  # also when run from a source tree
+  if args.suite == "gpu-compiled":
+    for name in ("jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cudnn-cu12"):
+      try:
+        versions[name] = importlib.metadata.version(name)
+      except importlib.metadata.PackageNotFoundError:
+        versions[name] = None
   versions.update(bench_peers.versions())
   return {
       "suite": args.suite,
@@ -259,26 +291,101 @@ class Bench:
                 f"{1e3 * values['median_s']:9.3f} ms  first "
                 f"{values['first_step_s']:5.1f} s", flush=True)
 
+  def write_partial(self) -> None:
+    """results.json so far, in case of a timeout."""
+    os.makedirs(self.args.out, exist_ok=True)
+    with open(os.path.join(self.args.out, "results.json"), "w") as f:
+      json.dump(self.result(), f, indent=1)
+
   def result(self) -> Dict[str, Any]:
     return {"environment": self.env, "records": self.records,
             "skipped": self.skipped}
 
 
+def run_compiled(bench: "Bench") -> None:
+  """The gpu-compiled suite: compile, audit and project every model x
+  policy x variant for each target, then the GPT-2 124M batch search."""
+  a = bench.args
+  cudnn = bench_compiled.has_cudnn()
+  for spec in (specs(a).values() if not a.batch_search_only else ()):
+    policies = [p for p in bench_models.POLICIES if p.name in a.policies]
+    if spec.kind == "mlp":
+      policies.append(bench_models.CONTROL)
+    for target in a.targets:
+      for pol in policies:
+        for variant in bench_compiled.variants(spec, pol, target):
+          if a.variants and variant not in a.variants:
+            continue
+          what = f"{spec.name}/{pol.name}/{variant}/{target}"
+          if variant == "fused-attention" and not cudnn:
+            bench.skipped.append(f"{what}: cuDNN is not installed (pip "
+                                 "install nvidia-cudnn-cu12)")
+            continue
+          if bench.out_of_time(what):
+            continue
+          values = bench_compiled.measure(spec, pol, target, variant)
+          bench.add(spec, pol.name, "mpjax", "compiled", values)
+          print(f"{spec.name:10s} {pol.name:20s} {variant:21s} {target:9s} "
+                f"peak {values['memory']['peak_bytes'] / 2**30:8.3f} GiB  "
+                f"16-bit {100 * values['matmul_share']:5.1f}%  lost "
+                f"{values['lost_rounding_bytes'] / 2**20:7.0f} MiB  "
+                f"projected {1e3 * values['projection']['projected_step_s']:8.3f}"
+                f" ms  compile {values['compile_s']:5.1f} s", flush=True)
+      bench.write_partial()
+  if not a.batch_search or "gpt2-124m" not in a.models:
+    return
+  make = ((lambda b: dataclasses.replace(bench_models.quick(
+      bench_models.gpt2_124m(b, a.gpt2_seq)), batch=b)) if a.quick else
+          (lambda b: bench_models.gpt2_124m(b, a.gpt2_seq)))
+  searches = [("float32", "island"), ("mixed_bfloat16", "island"),
+              ("mixed_float16", "island"), ("mixed_bfloat16", "fused-attention"),
+              ("mixed_float16", "fused-attention")]
+  if a.quick:
+    searches = searches[:2]
+  if a.batch_searches:
+    searches = [tuple(s.split("/")) for s in a.batch_searches]
+  for name, variant in searches:
+    pol = next(p for p in bench_models.POLICIES if p.name == name)
+    what = f"largest batch {name}/{variant}"
+    if name not in a.policies or (variant == "fused-attention" and not cudnn):
+      continue
+    if bench.out_of_time(what):
+      continue
+    print(what, flush=True)
+    values = bench_compiled.largest_batch(
+        make, pol, variant, budget=(64 * 2**20 if a.quick else None),
+        max_compiles=5 if a.quick else 8)
+    spec = make(values["largest_batch"] or 1)
+    bench.add(spec, name, "mpjax", "largest_batch", dict(values,
+                                                         variant=variant))
+    print(f"  largest batch {values['largest_batch']} "
+          f"({values['compiles']} compiles)", flush=True)
+    bench.write_partial()
+
+
 def finish(result: Dict[str, Any], out: str) -> None:
   """Derives ratios and targets, writes results.json, results.md, PNGs."""
-  bench_report.derive(result["records"])
-  result["targets"] = bench_report.targets(
-      result["records"], result["environment"]["device"]["platform"])
+  compiled = result["environment"]["suite"] == "gpu-compiled"
+  if compiled:
+    result["targets"] = bench_compiled.targets(result["records"])
+  else:
+    bench_report.derive(result["records"])
+    result["targets"] = bench_report.targets(
+        result["records"], result["environment"]["device"]["platform"])
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
-  text = bench_report.markdown(result)
-  if result.get("skipped"):
-    text += "\n## Not run\n\n" + "\n".join(
-        f"- {s}" for s in result["skipped"]) + "\n"
+  if compiled:
+    text = bench_compiled.markdown(result)
+  else:
+    text = bench_report.markdown(result)
+    if result.get("skipped"):
+      text += "\n## Not run\n\n" + "\n".join(
+          f"- {s}" for s in result["skipped"]) + "\n"
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
-  written = bench_report.plots(result, out)
+  written = (bench_compiled.plots if compiled else bench_report.plots)(
+      result, out)
   print(text)
   print("wrote", ", ".join([os.path.join(out, "results.json"),
                             os.path.join(out, "results.md")] + written))
@@ -295,11 +402,11 @@ def main(argv: List[str]) -> Dict[str, Any]:
   print(f"suite {args.suite}{' (quick)' if args.quick else ''} on "
         f"{env['device']['name']}; jax {env['versions']['jax']}", flush=True)
   bench = Bench(args, env)
-  for spec in specs(args).values():
+  if args.suite == "gpu-compiled":
+    run_compiled(bench)
+  for spec in (specs(args).values() if args.suite != "gpu-compiled" else ()):
     bench.run_model(spec)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump(bench.result(), f, indent=1)  # partial, in case of a timeout
+    bench.write_partial()
   result = bench.result()
   result["elapsed_s"] = time.perf_counter() - bench.start
   finish(result, args.out)

@@ -9,8 +9,6 @@ compile time excluded and reported apart; ratios come from steps interleaved
 every variant alike.
 """
 
-import math
-import re
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,7 +17,9 @@ import jax.monitoring
 import numpy as np
 
 import mpjax
+from mpjax._src.program_audit import attention_residuals
 from mpjax._src.program_audit import audit_lowered
+from mpjax._src.program_audit import matmul_precisions
 from mpjax._src.program_audit import tree_bytes
 
 import bench_models
@@ -56,36 +56,6 @@ class _CompileCounter:
 
 
 COMPILES = _CompileCounter()
-
-
-def _matmul_precisions(text: str) -> Dict[str, int]:
-  """How many dot_general/convolution ops ask for each precision."""
-  counts: Dict[str, int] = {}
-  for line in text.splitlines():
-    if "stablehlo.dot_general" in line or "stablehlo.convolution" in line:
-      found = re.search(r"precision(?:_config)?\s*=\s*\[([^\]]*)\]", line)
-      name = "DEFAULT"
-      if found:
-        names = re.findall(r"[A-Z]+", found.group(1))
-        name = names[0] if names else "DEFAULT"
-      counts[name] = counts.get(name, 0) + 1
-  return counts
-
-
-def _attention_residuals(fn: Callable, params: Any,
-                         seq_len: int) -> Dict[str, int]:
-  """Residual bytes of [batch, heads, seq, seq] arrays (attention logits and
-  probabilities), per dtype. `mpjax.residuals` totals by dtype only; this
-  splits by shape (4-D only: a [batch, seq, d_model] array with d_model ==
-  seq is not attention)."""
-  closure = jax.eval_shape(lambda p: jax.vjp(fn, p)[1], params)
-  out: Dict[str, int] = {}
-  for leaf in jax.tree.leaves(closure):
-    if len(leaf.shape) >= 4 and leaf.shape[-2:] == (seq_len, seq_len):
-      name = np.dtype(leaf.dtype).name
-      out[name] = out.get(name, 0) + math.prod(leaf.shape) * np.dtype(
-          leaf.dtype).itemsize
-  return out
 
 
 def device_info() -> Dict[str, Any]:
@@ -168,7 +138,7 @@ def measure(spec: ModelSpec, pol: PolicySpec, warmup: int, timed: int,
     loss = bench_models.loss_of_params(spec, pol, apply_fn, batch)
     islands = mpjax.audit_program(jax.grad(loss), params).float32_islands()
     res = mpjax.residuals(loss, params)
-    attention = (_attention_residuals(loss, params, spec.lm.seq_len)
+    attention = (attention_residuals(loss, params, seq_len=spec.lm.seq_len)
                  if spec.kind == "lm" else {})
     out_shapes = jax.eval_shape(step, state, batch)
 
@@ -180,7 +150,7 @@ def measure(spec: ModelSpec, pol: PolicySpec, warmup: int, timed: int,
         "matmul_flops_by_dtype": report.matmul_flops_by_dtype(),
         "matmul_share": share,
         "matmuls": len(report.matmuls),
-        "matmul_precisions": _matmul_precisions(text),
+        "matmul_precisions": matmul_precisions(text),
         "converts": report.converts,
         "host_ops": list(report.host_ops),
         "float32_islands": islands,

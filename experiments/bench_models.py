@@ -19,6 +19,7 @@ import optax
 import mpjax
 from lm_common import LMConfig
 import lm_common
+import flax_stock_lm
 import lm_models_linen
 import models
 import resnet_linen
@@ -53,6 +54,9 @@ class ModelSpec:
   conv_features: Tuple[int, ...] = (16, 32)
   lm: Optional[LMConfig] = None
   resnet: Optional[ResNetConfig] = None
+  # "lm" models: "gpt" (lm_models_linen.TransformerLM) or "flax-stock"
+  # (flax_stock_lm.StockLM, stock flax layers only).
+  arch: str = "gpt"
 
   def describe(self) -> Dict[str, Any]:
     """The shape fields a record carries."""
@@ -93,6 +97,8 @@ class ModelSpec:
       return models.CNN(features=self.conv_features, num_classes=self.classes)
     if self.kind == "resnet":
       return resnet_models_linen.ResNet(self.resnet)
+    if self.arch == "flax-stock":
+      return flax_stock_lm.StockLM(self.lm)
     return lm_models_linen.TransformerLM(self.lm)
 
   @property
@@ -123,6 +129,13 @@ def cpu_models() -> Dict[str, ModelSpec]:
 def gpt2_124m(batch: int, seq_len: int = 1024) -> ModelSpec:
   return ModelSpec("gpt2-124m", "lm", batch=batch,
                    lm=LMConfig.gpt2_124m(vocab_size=50257, seq_len=seq_len))
+
+
+def flax_lm(batch: int, seq_len: int = 1024) -> ModelSpec:
+  """The stock-flax decoder (8 layers, d_model 512, vocabulary 32000)."""
+  return ModelSpec("flax-lm", "lm", batch=batch, arch="flax-stock",
+                   lm=LMConfig(vocab_size=32000, seq_len=seq_len,
+                               num_layers=8, d_model=512, num_heads=8))
 
 
 def quick(spec: ModelSpec) -> ModelSpec:

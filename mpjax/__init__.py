@@ -59,6 +59,7 @@ from mpjax._src.compiled_audit import CompiledAudit
 from mpjax._src.compiled_audit import audit_compiled
 from mpjax._src.compiled_audit import audit_for_target
 from mpjax._src.compiled_audit import project as project_compiled
+from mpjax._src.fused_attention import fused_dot_product_attention
 from mpjax._src.gpu_target import FAITHFUL_ROUNDING
 from mpjax._src.gpu_target import GpuCompileUnavailableError
 from mpjax._src.gpu_target import GpuTarget
@@ -143,6 +144,7 @@ __all__ = (
     "fp8_dot_general",
     "fp8_einsum",
     "fsdp",
+    "fused_dot_product_attention",
     "get_policy",
     "gpu_target",
     "grad_stats",

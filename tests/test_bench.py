@@ -190,3 +190,43 @@ def test_projection_divides_flops_by_the_dtype_peak_and_bytes_by_bandwidth():
   assert tf32["devices"]["H100 SXM"]["projected_step_s"] == 1.0
   assert full["devices"]["H100 SXM"]["projected_step_s"] == 1.0
   assert p["label"] == "projection, not a measurement"
+
+
+@pytest.fixture(scope="module")
+def compiled_quick(tmp_path_factory):
+  out = tmp_path_factory.mktemp("gpu_compiled")
+  result, stdout = run_bench(
+      out, "--suite", "gpu-compiled", "--quick", "--models", "gpt2-124m",
+      "--policies", "float32", "mixed_bfloat16", "--targets", "h100_sxm",
+      "--variants", "island", "fused-attention")
+  return result, stdout, out
+
+
+def test_gpu_compiled_suite_compiles_audits_and_searches_on_a_cpu(
+    compiled_quick):
+  result, _, out = compiled_quick
+  compiled = [r for r in result["records"] if r["measurement"] == "compiled"]
+  assert {(r["policy"], r["values"]["variant"]) for r in compiled} == {
+      ("float32", "island"), ("mixed_bfloat16", "island"),
+      ("mixed_bfloat16", "fused-attention")}
+  for r in compiled:
+    v = r["values"]
+    assert v["target_name"] == "h100_sxm" and v["memory"]["peak_bytes"] > 0
+    assert v["projection"]["label"] == "projection, not a measurement"
+    assert v["adam_moment_copies"] == 0
+  fused = next(r for r in compiled if r["values"]["variant"] ==
+               "fused-attention")
+  assert fused["values"]["matmul_implementations"].get(
+      "cuDNN fused attention") == 2
+  searches = [r for r in result["records"]
+              if r["measurement"] == "largest_batch"]
+  assert {r["policy"] for r in searches} == {"float32", "mixed_bfloat16"}
+  for r in searches:
+    v = r["values"]
+    assert v["largest_batch"] >= 1
+    assert v["peak_bytes_by_batch"][str(v["largest_batch"])] <= v[
+        "budget_bytes"]
+  names = {t["target"] for t in result["targets"]}
+  assert any("0.55x" in n for n in names)
+  for name in ("results.md", "peak_memory.png", "batch_fit.png"):
+    assert os.path.exists(os.path.join(out, name)), name

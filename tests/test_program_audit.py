@@ -107,3 +107,25 @@ def test_residuals_of_a_mixed_mlp_are_about_half():
       half.bytes_by_dtype["bfloat16"] / full.bytes_by_dtype["float32"], 0.5,
       rtol=1e-6)
   assert half.bytes_by_dtype["bool"] == full.bytes_by_dtype["bool"]
+
+
+def test_matmul_precisions_counts_each_dot_by_its_precision():
+  from mpjax._src.program_audit import matmul_precisions
+  def f(a, b):
+    return jnp.dot(a, b, precision="highest") + jnp.dot(a, b)
+  x = jnp.ones((4, 4))
+  counts = matmul_precisions(jax.jit(f).lower(x, x).as_text())
+  assert counts == {"HIGHEST": 1, "DEFAULT": 1}
+
+
+def test_attention_residuals_are_the_seq_by_seq_arrays():
+  from mpjax._src.program_audit import attention_residuals
+  q = jnp.ones((2, 16, 2, 8), jnp.bfloat16)
+
+  def loss(q):
+    return mpjax.numerics.dot_product_attention(q, q, q).astype(
+        jnp.float32).sum()
+
+  found = attention_residuals(loss, q, seq_len=16)
+  # The island keeps the bfloat16 probabilities [2, 2, 16, 16] only.
+  assert found == {"bfloat16": 2 * 2 * 16 * 16 * 2}

@@ -194,6 +194,33 @@ def residuals(fn: Callable, *args) -> Residuals:
   return Residuals(sum(by_dtype.values()), dict(by_dtype), len(leaves))
 
 
+def matmul_precisions(text: str) -> Dict[str, int]:
+  """How many ``dot_general``/``convolution`` ops of lowered StableHLO
+  `text` ask for each precision (``{"DEFAULT": 40, "HIGHEST": 2}``)."""
+  counts: Dict[str, int] = collections.Counter()
+  for line in text.splitlines():
+    if "stablehlo.dot_general" in line or "stablehlo.convolution" in line:
+      found = re.search(r"precision(?:_config)?\s*=\s*\[([^\]]*)\]", line)
+      names = re.findall(r"[A-Z]+", found.group(1)) if found else []
+      counts[names[0] if names else "DEFAULT"] += 1
+  return dict(counts)
+
+
+def attention_residuals(fn: Callable, *args,
+                        seq_len: int) -> Dict[str, int]:
+  """Residual bytes per dtype of ``jax.vjp(fn, *args)`` held in
+  ``[..., seq_len, seq_len]`` arrays of rank 4 or more (attention logits
+  and probabilities; a ``[batch, seq, d_model]`` array with d_model ==
+  seq_len is not one). Found abstractly, like `residuals`."""
+  closure = jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args)
+  out: Dict[str, int] = collections.Counter()
+  for leaf in jax.tree.leaves(closure):
+    if len(leaf.shape) >= 4 and leaf.shape[-2:] == (seq_len, seq_len):
+      out[np.dtype(leaf.dtype).name] += math.prod(leaf.shape) * np.dtype(
+          leaf.dtype).itemsize
+  return dict(out)
+
+
 def tree_bytes(tree: Any) -> int:
   """Bytes of every array leaf of `tree` (arrays or ShapeDtypeStructs)."""
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize

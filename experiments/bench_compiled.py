@@ -1,0 +1,448 @@
+"""The ``gpu-compiled`` suite: every step compiled for H100/B200 targets here.
+
+No GPU: XLA:GPU compiles each model x policy step for a named target
+(`mpjax.compile_for_target`, from abstract shapes) and `mpjax.audit_for_target`
+reads what it made: matmul kernels and their dtypes, copies, fusions,
+`memory_analysis()`, the buffers live at the peak, lost 16-bit roundings.
+From the same program, a per-kernel roofline (`mpjax.project_compiled`): a
+projection, not a measurement. For GPT-2 124M on the H100 target, the
+largest batch whose step fits in memory, per policy (compile-only search).
+
+Variants of a language-model step (``variant`` in the records):
+``island`` (mpjax's default: the float32 attention island, faithful
+rounding), ``xla-excess-precision`` (XLA's own default options, for the
+before/after) and ``fused-attention`` (the attention layers run
+`mpjax.fused_dot_product_attention`, cuDNN's flash attention on CUDA for
+16-bit steps; needs cuDNN installed, else skipped with a line saying so).
+"""
+
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+import mpjax
+from mpjax._src.fused_attention import cudnn_available
+
+import bench_models
+from bench_models import ModelSpec, PolicySpec
+
+TARGETS = ("h100_sxm", "b200")
+BATCH_TARGET = "h100_sxm"
+# A step "fits" when its compiled peak is at most this share of the device's
+# memory: the rest is for the CUDA context, cuBLAS/cuDNN workspaces and
+# allocator fragmentation (and stays below XLA:GPU's own limit, 95%, past
+# which it would start rematerialising).
+FIT_FRACTION = 0.90
+XLA_DEFAULTS: Dict[str, Any] = {"xla_allow_excess_precision": True}
+MIXED = ("mixed_bfloat16", "mixed_float16", "float16_static")
+GIB = 2.0**30
+
+
+def with_fused_attention(apply_fn: Callable) -> Callable:
+  """`apply_fn` with every flax attention layer that uses flax's default
+  attention function (or mpjax's island) running
+  `mpjax.fused_dot_product_attention` instead."""
+  swapped = (nn.dot_product_attention, mpjax.numerics.dot_product_attention)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name == "__call__"
+        and isinstance(module, nn.MultiHeadDotProductAttention)
+        and module.attention_fn in swapped):
+      old = module.attention_fn
+      object.__setattr__(module, "attention_fn",
+                         mpjax.fused_dot_product_attention)
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        object.__setattr__(module, "attention_fn", old)
+    return next_fun(*args, **kwargs)
+
+  @functools.wraps(apply_fn)
+  def apply(*args, **kwargs):
+    with nn.intercept_methods(interceptor):
+      return apply_fn(*args, **kwargs)
+
+  return apply
+
+
+def variants(spec: ModelSpec, pol: PolicySpec, target: str) -> List[str]:
+  """The variants of `spec` x `pol` compiled on `target`."""
+  out = ["island"]
+  if spec.kind != "lm" or target != BATCH_TARGET:
+    return out
+  if pol.name in MIXED:
+    out.append("fused-attention")
+  if spec.name == "gpt2-124m" and pol.name in ("float32", "mixed_bfloat16"):
+    out.append("xla-excess-precision")
+  return out
+
+
+def _step_args(spec: ModelSpec, pol: PolicySpec, variant: str):
+  state, batch, _, _ = bench_models.build(spec, pol, abstract=True)
+  if variant == "fused-attention":
+    state = state.replace(apply_fn=with_fused_attention(state.apply_fn))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       batch)
+  options = XLA_DEFAULTS if variant == "xla-excess-precision" else None
+  return mpjax.make_train_step(spec.loss_fn, compiler_options=options), \
+      state, batch
+
+
+def _mfu(flops: int, seconds: float, target: str, compute: str,
+         precision: Optional[str]) -> float:
+  t = mpjax.gpu_target(target)
+  if compute in ("bfloat16", "float16"):
+    peak = t.matmul_flops_per_s[compute]
+  elif precision == "highest":
+    peak = t.vector_flops_per_s["float32"]
+  else:
+    peak = t.matmul_flops_per_s["float32"]  # TF32
+  return flops / seconds / peak
+
+
+def measure(spec: ModelSpec, pol: PolicySpec, target: str,
+            variant: str) -> Dict[str, Any]:
+  """Compile, audit and project one step; a record's ``values``."""
+  with pol.matmul_precision():
+    step, state, batch = _step_args(spec, pol, variant)
+    start = time.perf_counter()
+    report = mpjax.audit_for_target(step, state, batch, target=target)
+    compile_s = time.perf_counter() - start
+  projection = mpjax.project_compiled(report, target)
+  seconds = projection["projected_step_s"]
+  record = report.to_json()
+  del record["matmuls"]  # hundreds of kernels: summarised below
+  record["peak_buffers"] = record["peak_buffers"][:12]
+  compute = pol.compute_dtype
+  by_dtype: Dict[str, int] = {}
+  for m in report.matmuls:
+    key = (m.lhs_dtype if m.lhs_dtype == m.rhs_dtype
+           else f"{m.lhs_dtype}*{m.rhs_dtype}")
+    by_dtype[key] = by_dtype.get(key, 0) + m.flops
+  opt_copies = report.copied_parameters("opt_state")
+  record.update(
+      variant=variant, target_name=target, compile_s=compile_s,
+      compute_dtype=compute,
+      matmul_flops_by_dtype=by_dtype,
+      matmul_share=report.matmul_share(compute),
+      matmul_result_dtypes=sorted({m.out_dtype for m in report.matmuls}),
+      matmul_highest=sum(m.highest for m in report.matmuls),
+      opt_state_copies=len(opt_copies),
+      opt_state_copied_bytes=sum(c.bytes for c in opt_copies),
+      adam_moment_copies=sum("__mu__" in c.source or "__nu__" in c.source
+                             for c in opt_copies),
+      lost_rounding_bytes=sum(b["bytes"] for b in record["lost_roundings"]),
+      projection=projection,
+      projected_examples_per_s=spec.batch / seconds,
+      projected_tokens_per_s=(spec.tokens_per_step / seconds
+                              if spec.tokens_per_step else None),
+      projected_mfu=_mfu(report.matmul_flops, seconds, target, compute,
+                         pol.precision))
+  return record
+
+
+def peak_bytes(spec: ModelSpec, pol: PolicySpec, target: str,
+               variant: str) -> int:
+  """The compiled step's peak, nothing else (no dump: faster)."""
+  with pol.matmul_precision():
+    step, state, batch = _step_args(spec, pol, variant)
+    compiled = mpjax.compile_for_target(step, state, batch, target=target)
+  return compiled.memory_analysis().peak_memory_in_bytes
+
+
+def largest_batch(make_spec: Callable[[int], ModelSpec], pol: PolicySpec,
+                  variant: str, target: str = BATCH_TARGET,
+                  start: Tuple[int, int] = (8, 16),
+                  budget: Optional[float] = None,
+                  max_compiles: int = 8,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """The largest batch whose compiled peak fits (`FIT_FRACTION`).
+
+  The peak is close to affine in the batch (the state is fixed, the
+  activations grow with it): two compiles fit the line, a third checks the
+  predicted largest batch, then the line through the last two compiles
+  predicts again inside the bracket (largest batch that fits, smallest that
+  does not) until the two are neighbours, at most `max_compiles` compiles.
+  """
+  if budget is None:
+    budget = FIT_FRACTION * mpjax.gpu_target(target).memory_bytes
+  peaks: Dict[int, int] = {}
+
+  def peak(b):
+    if b not in peaks:
+      t = time.perf_counter()
+      peaks[b] = peak_bytes(make_spec(b), pol, target, variant)
+      log(f"  batch {b:4d}: peak {peaks[b] / GIB:7.2f} GiB "
+          f"({time.perf_counter() - t:5.1f} s)")
+    return peaks[b]
+
+  def line(b, c):
+    slope = (peak(c) - peak(b)) / (c - b)
+    return slope, peak(b) - slope * b
+
+  b0, b1 = start
+  slope, intercept = line(b0, b1)
+  guess = max(1, int((budget - intercept) // slope))
+  fits, misses = [b for b in (b0, b1) if peak(b) <= budget], []
+  misses = [b for b in (b0, b1) if peak(b) > budget]
+  b, last = guess, b1
+  while len(peaks) < max_compiles:
+    (fits if peak(b) <= budget else misses).append(b)
+    lo, hi = max(fits, default=0), min(misses, default=None)
+    if hi is not None and hi - lo <= 1:
+      break
+    # Next: the line through the last two compiles, kept inside the bracket.
+    s_, i_ = line(last, b) if b != last else (slope, intercept)
+    nxt = int((budget - i_) // s_) if s_ > 0 else lo + 1
+    nxt = min(max(nxt, lo + 1), (hi - 1) if hi is not None else nxt)
+    if nxt in peaks:  # the line stalls: check the neighbour of the bracket
+      nxt = lo + 1 if (hi is None or lo + 1 not in peaks) else (lo + hi) // 2
+      if nxt in peaks:
+        break
+    last, b = b, nxt
+  best = max(fits, default=None)
+  return {"target": target, "budget_bytes": budget,
+          "fit_fraction": FIT_FRACTION,
+          "device_memory_bytes": mpjax.gpu_target(target).memory_bytes,
+          "largest_batch": best,
+          "smallest_batch_not_fitting": min(misses, default=None),
+          "slope_bytes_per_example": slope,
+          "intercept_bytes": intercept, "predicted_largest_batch": guess,
+          "peak_bytes_by_batch": {str(k): v for k, v in sorted(peaks.items())},
+          "compiles": len(peaks)}
+
+
+def mixed_ratio(records: List[dict], model: str, policy: str, target: str,
+                variant: str, base_variant: str = "island") -> Optional[float]:
+  """Peak of `policy`/`variant` over float32's (same target)."""
+  def peak(pol, var):
+    for r in records:
+      v = r["values"]
+      if (r["measurement"] == "compiled" and r["model"] == model
+          and r["policy"] == pol and v["target_name"] == target
+          and v["variant"] == var):
+        return v["memory"]["peak_bytes"]
+    return None
+  num, den = peak(policy, variant), peak("float32", base_variant)
+  return num / den if num and den else None
+
+
+# --- report -----------------------------------------------------------------
+
+
+def _compiled(records: List[dict]) -> List[dict]:
+  return [r for r in records if r["measurement"] == "compiled"]
+
+
+def _table(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def targets(records: List[dict]) -> List[Dict[str, Any]]:
+  """The issue's targets on the compiled programs (met: True/False/None)."""
+  out = []
+  comp = _compiled(records)
+  mixed = [r for r in comp if r["policy"] in MIXED
+           and r["values"]["variant"] != "xla-excess-precision"
+           and r["policy"] != "mixed_bfloat16_wrong"]
+  bad = [f"{r['model']}/{r['policy']}/{r['values']['target_name']}"
+         for r in mixed if r["values"]["matmul_share"] != 1.0]
+  out.append({"target": "every matmul kernel of a mixed step takes 16-bit "
+                        "operands (GPU-compiled)", "met": not bad,
+              "detail": f"{len(mixed)} mixed steps" if not bad else
+              ", ".join(bad)})
+  lost = [f"{r['model']}/{r['policy']}/{r['values']['target_name']}"
+          for r in mixed if r["values"]["lost_roundings"]]
+  out.append({"target": "no float32 activation alive at the peak of a mixed "
+                        "step", "met": not lost,
+              "detail": "none" if not lost else ", ".join(lost)})
+  copied = [f"{r['model']}/{r['policy']}: {r['values']['adam_moment_copies']}"
+            for r in comp if r["values"]["adam_moment_copies"]]
+  out.append({"target": "the optimizer state (Adam moments) is not copied",
+              "met": not copied, "detail": "no copy of mu/nu in any step"
+              if not copied else ", ".join(copied)})
+  for model in ("gpt2-124m", "flax-lm"):
+    for variant in ("island", "fused-attention"):
+      ratio = mixed_ratio(records, model, "mixed_bfloat16", BATCH_TARGET,
+                          variant)
+      if ratio is not None:
+        out.append({"target": f"{model} mixed_bfloat16 peak <= 0.55x "
+                              f"float32 (H100, {variant})",
+                    "met": ratio <= 0.55, "detail": f"{ratio:.3f}x"})
+  search = {r["policy"] + "/" + r["values"]["variant"]: r["values"]
+            for r in records if r["measurement"] == "largest_batch"}
+  f32 = search.get("float32/island", {}).get("largest_batch")
+  for key, v in search.items():
+    if key.startswith("mixed_bfloat16") and f32:
+      out.append({"target": f"GPT-2 124M on an 80 GB H100: mixed fits >= "
+                            f"1.8x the float32 batch ({key})",
+                  "met": v["largest_batch"] >= 1.8 * f32,
+                  "detail": f"{v['largest_batch']} vs {f32} "
+                            f"({v['largest_batch'] / f32:.2f}x)"})
+  return out
+
+
+def markdown(result: Dict[str, Any]) -> str:
+  env = result["environment"]
+  records = result["records"]
+  v = env["versions"]
+  text = [f"# gpu-compiled suite\n",
+          f"GPU-compiled on a CPU-only machine ({env['device']['name']}); "
+          "real XLA:GPU compiler, no device; times and throughput are "
+          "**projections, not measurements**. jax "
+          f"{v.get('jax')}, jaxlib {v.get('jaxlib')}, jax-cuda12-plugin "
+          f"{v.get('jax-cuda12-plugin')}, flax {v.get('flax')}, optax "
+          f"{v.get('optax')}, cuDNN "
+          f"{v.get('nvidia-cudnn-cu12') or 'not installed'}; {env['date']}; "
+          f"`{env['command']}`.\n"]
+  text.append("## Targets\n")
+  text.append(_table(("target", "met", "detail"), [
+      (t["target"], {True: "**met**", False: "**missed**", None: "-"}[
+          t["met"]], t["detail"]) for t in result.get("targets", [])]))
+  text.append("\n## Compiled steps\n\nPeak = `memory_analysis()` peak; "
+              "kernels = top-level kernels (fusions, custom calls, copies); "
+              "projected = per-kernel roofline (sum over kernels of max("
+              "matmul FLOPs / dense peak of the operand dtype, bytes / HBM "
+              "bandwidth)).\n")
+  rows = []
+  for r in _compiled(records):
+    x = r["values"]
+    ratio = mixed_ratio(records, r["model"], r["policy"], x["target_name"],
+                        x["variant"])
+    impl = ", ".join(f"{n} {k}" for k, n in sorted(
+        x["matmul_implementations"].items()))
+    rows.append((
+        r["model"], r["policy"], x["variant"], x["target_name"],
+        f"{x['memory']['peak_bytes'] / GIB:.3f}",
+        f"{ratio:.3f}x" if ratio else "",
+        impl, f"{100 * x['matmul_share']:.1f}%", x["fusions"],
+        x["kernels"], len(x["copies"]), x["adam_moment_copies"],
+        f"{x['lost_rounding_bytes'] / 2**20:,.0f}",
+        f"{1e3 * x['projection']['projected_step_s']:.3f}",
+        (f"{x['projected_tokens_per_s'] / 1e3:,.0f}K"
+         if x["projected_tokens_per_s"] else
+         f"{x['projected_examples_per_s'] / 1e3:,.0f}K ex"),
+        f"{100 * x['projected_mfu']:.1f}%", f"{x['compile_s']:.0f}"))
+  text.append(_table(
+      ("model", "policy", "variant", "target", "peak GiB", "vs float32",
+       "matmul kernels", "16-bit share", "fusions", "kernels", "copies",
+       "Adam copies", "lost-rounding MiB", "projected ms", "projected /s",
+       "projected MFU", "compile s"), rows))
+  speed = []
+  for r in _compiled(records):
+    x = r["values"]
+    if r["model"] != "gpt2-124m" or r["policy"] not in MIXED:
+      continue
+    base = {p: next((q["values"] for q in _compiled(records)
+                     if q["model"] == r["model"] and q["policy"] == p
+                     and q["values"]["target_name"] == x["target_name"]
+                     and q["values"]["variant"] == "island"), None)
+            for p in ("float32_highest", "float32")}
+    t = x["projection"]["projected_step_s"]
+    speed.append((r["policy"], x["variant"], x["target_name"],
+                  f"{x['projected_tokens_per_s'] / 1e3:,.0f}K",
+                  f"{100 * x['projected_mfu']:.1f}%",
+                  f"{base['float32_highest']['projection']['projected_step_s'] / t:.2f}x"
+                  if base["float32_highest"] else "",
+                  f"{base['float32']['projection']['projected_step_s'] / t:.2f}x"
+                  if base["float32"] else ""))
+  if speed:
+    text.append("\n## GPT-2 124M projection (per-kernel roofline; projection, "
+                "not a measurement)\n")
+    text.append(_table(("policy", "variant", "target", "tokens/s", "MFU",
+                        "vs float32_highest", "vs TF32"), speed))
+  searches = [r for r in records if r["measurement"] == "largest_batch"]
+  if searches:
+    text.append("\n## Largest GPT-2 124M batch that fits an 80 GB H100 "
+                f"(compiled peak <= {FIT_FRACTION:.0%} of "
+                f"{searches[0]['values']['device_memory_bytes'] / GIB:.1f} "
+                "GiB; compile-only search)\n")
+    rows = []
+    for r in searches:
+      x = r["values"]
+      rows.append((r["policy"], x["variant"], x["largest_batch"],
+                   f"{x['slope_bytes_per_example'] / GIB:.3f}",
+                   f"{x['intercept_bytes'] / GIB:.2f}",
+                   ", ".join(f"{b}: {p / GIB:.2f}" for b, p in
+                             x["peak_bytes_by_batch"].items()),
+                   x["compiles"]))
+    text.append(_table(("policy", "variant", "largest batch",
+                        "GiB per sequence", "GiB at batch 0 (fit)",
+                        "compiled peak GiB by batch", "compiles"), rows))
+  if result.get("skipped"):
+    text.append("\n## Not run\n\n" + "\n".join(
+        f"- {s}" for s in result["skipped"]) + "\n")
+  return "\n".join(text)
+
+
+def plots(result: Dict[str, Any], out_dir: str) -> List[str]:
+  """peak_memory.png (compiled peak per model x policy, H100) and
+  batch_fit.png (GPT-2 124M peak per batch, per policy, with the budget)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  written = []
+  records = result["records"]
+  comp = [r for r in _compiled(records)
+          if r["values"]["target_name"] == BATCH_TARGET]
+  if comp:
+    labels = [f"{r['model']}\n{r['policy']}\n{r['values']['variant']}"
+              for r in comp]
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(comp)), 4.5))
+    ax.bar(range(len(comp)), [r["values"]["memory"]["peak_bytes"] / GIB
+                              for r in comp])
+    ax.set_xticks(range(len(comp)), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("compiled peak (GiB)")
+    ax.set_yscale("log")
+    ax.set_title("GPU-compiled peak memory, H100 SXM target (no device)")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "peak_memory.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+  searches = [r for r in records if r["measurement"] == "largest_batch"]
+  if searches:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = 0
+    for r in searches:
+      x = r["values"]
+      bs = [int(b) for b in x["peak_bytes_by_batch"]]
+      ps = [p / GIB for p in x["peak_bytes_by_batch"].values()]
+      line = ax.plot(bs, ps, "o", label=f"{r['policy']} ({x['variant']}): "
+                     f"batch {x['largest_batch']}")[0]
+      grid = np.linspace(0, max(bs) * 1.1, 50)
+      ax.plot(grid, (x["intercept_bytes"] + x["slope_bytes_per_example"] *
+                     grid) / GIB, "-", color=line.get_color(), alpha=0.4)
+      top = max(top, max(bs) * 1.1)
+    budget = searches[0]["values"]["budget_bytes"] / GIB
+    ax.axhline(budget, color="k", ls="--", label=f"{FIT_FRACTION:.0%} of "
+               "80 GB")
+    ax.set_xlim(0, top)
+    ax.set_xlabel("batch (sequences of 1024 tokens)")
+    ax.set_ylabel("compiled peak (GiB)")
+    ax.set_title("GPT-2 124M train step on an H100 target (compiled, no "
+                 "device)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "batch_fit.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def has_cudnn() -> bool:
+  return cudnn_available()
