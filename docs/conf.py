@@ -1,0 +1,109 @@
+"""Sphinx configuration of mpjax's documentation.
+
+Build (from the repository root, after ``pip install -e '.[docs]'``):
+
+    sphinx-build -W -b html docs docs/_build/html
+
+Why Sphinx: optax and flax document themselves with Sphinx + autodoc +
+napoleon, so mpjax's Google-style docstrings (``Args:``, ``Returns:``,
+``Examples:``) render the way JAX users know, and ``-W`` turns a broken
+reference or a docstring autodoc cannot import into a failed build. Why
+MyST-parser: the pages are Markdown, like README.md, so text moves between
+README and the docs without conversion and ``tests/test_readme.py`` runs the
+Python blocks of both the same way. Nothing is fetched from the network (no
+intersphinx) and no notebook is executed: the build takes seconds.
+"""
+
+import os
+import re
+import sys
+
+# The checkout's mpjax, not whatever else is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import mpjax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+project = "mpjax"
+author = "the mpjax authors"
+copyright = "the mpjax authors"  # pylint: disable=redefined-builtin
+release = mpjax.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "myst_parser",
+]
+source_suffix = {".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build"]
+
+# Google-style docstrings only (the house style); NumPy style is not used.
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+# Attributes: sections as fields of the class, not a second description of
+# each NamedTuple field next to the one autodoc makes.
+napoleon_use_ivar = True
+# `name` in a docstring links to the Python object when one exists.
+default_role = "py:obj"
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": True, "show-inheritance": False}
+# Signatures read `mpjax.X`, not `mpjax._src.module.X`.
+add_module_names = True
+python_use_unqualified_type_names = True
+
+myst_enable_extensions = ["colon_fence"]
+myst_heading_anchors = 3
+
+html_theme = "alabaster"
+html_title = f"mpjax {release}"
+html_static_path = []
+
+
+def _check_api_reference(app):
+  """Warns (an error under -W) for a name of `mpjax.__all__` not in api.md."""
+  from sphinx.util import logging  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(app.srcdir, "api.md"), encoding="utf-8") as f:
+    documented = set(re.findall(
+        r"^\.\. (?:auto\w+|py:data)::\s+mpjax\.(\w+)", f.read(), flags=re.M))
+  logger = logging.getLogger(__name__)
+  for name in sorted(set(mpjax.__all__) - documented):
+    logger.warning("mpjax.%s is public (mpjax.__all__) but not in "
+                   "docs/api.md", name, location="api")
+  for name in sorted(documented - set(mpjax.__all__)):
+    logger.warning("docs/api.md documents mpjax.%s, which is not in "
+                   "mpjax.__all__", name, location="api")
+
+
+# Outside ``literals``: |x| (an absolute value, not a substitution) and
+# `Name`s (a plural: reST wants a space after the closing backquote).
+_LITERAL = re.compile(r"(``.+?``)")
+_ABS = re.compile(r"(?<!\\)\|([A-Za-z_][\w.]*)\|")
+_PLURAL = re.compile(r"(?<![`\w])(`[^`\s][^`]*`)(?=[A-Za-z])")
+
+
+def _house_docstrings(app, what, name, obj, options, lines):
+  """The house docstrings' conventions, in the reST that autodoc reads."""
+  del app, what, name, obj, options
+  for i, line in enumerate(lines):
+    parts = _LITERAL.split(line)
+    for j in range(0, len(parts), 2):  # the even parts are outside literals
+      parts[j] = _PLURAL.sub(r"\1\\ ", _ABS.sub(r"\\|\1\\|", parts[j]))
+    lines[i] = "".join(parts)
+
+
+def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
+  """NamedTuple fields are described by the class's Attributes: section."""
+  del app, what, name, options
+  doc = getattr(obj, "__doc__", None) or ""
+  return True if doc.startswith("Alias for field number") else skip
+
+
+def setup(app):
+  app.connect("builder-inited", _check_api_reference)
+  app.connect("autodoc-process-docstring", _house_docstrings)
+  app.connect("autodoc-skip-member", _skip_namedtuple_aliases)
