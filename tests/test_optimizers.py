@@ -302,16 +302,17 @@ def test_state_dtypes_are_what_was_asked():
   params = params_like(BF16)
   tx = mpjax.adamw(1e-3, mu_dtype=jnp.float32, nu_dtype=BF16, b2=0.95,
                    rounding="kahan")
-  state = tx.init(params)
-  updates, state = jax.jit(tx.update)(random_grads(params, np.random.default_rng(0)),
-                                      state, params)
-  chex.assert_type(state.count, jnp.int32)
-  chex.assert_trees_all_equal_dtypes(state.mu, jax.tree.map(
-      lambda p: p.astype(jnp.float32), params))
-  chex.assert_trees_all_equal_dtypes(state.nu, params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(state.compensation, params)
+  init = tx.init(params)
+  updates, state = jax.jit(tx.update)(
+      random_grads(params, np.random.default_rng(0)), init, params)
+  for s in (init, state):  # the same dtypes before and after a step
+    chex.assert_type(s.count, jnp.int32)
+    chex.assert_trees_all_equal_dtypes(s.mu, jax.tree.map(
+        lambda p: p.astype(jnp.float32), params))
+    chex.assert_trees_all_equal_dtypes(s.nu, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s.compensation, params)
+    assert s.key is None
   chex.assert_trees_all_equal_dtypes(updates, state.mu)
-  assert state.key is None
   sr = mpjax.sgd(1e-3, momentum=0.9, mu_dtype=jnp.float16,
                  rounding="stochastic", key=jax.random.key(0))
   s = sr.init(params)
