@@ -320,8 +320,10 @@ def test_batches_of_the_wrong_shape_are_named(fragile):
   with pytest.raises(ValueError, match=r"batch 0 .*float32\[16, 5\]"):
     mpjax.precision_doctor(Fragile().apply, [wrong], loss_fn, "mixed_float16",
                            params=params)
-  with pytest.raises(ValueError, match=r"batch 1 .*float32\[16, 5\]"):
-    mpjax.precision_doctor(Fragile().apply, [data[0], wrong], loss_fn,
+  # A batch the model could run, but not like batch 0.
+  fewer = {"x": data[0]["x"][:8], "y": data[0]["y"][:8]}
+  with pytest.raises(ValueError, match=r"batch 1 .*float32\[8, 8\]"):
+    mpjax.precision_doctor(Fragile().apply, [data[0], fewer], loss_fn,
                            "mixed_float16", params=params)
   with pytest.raises(TypeError, match="list of batches"):
     mpjax.precision_doctor(Fragile().apply, data[0], loss_fn,

@@ -87,7 +87,8 @@ class DoctorThresholds:
       the dtype cannot hold the value at all).
     max_flush_share: the loss-scale range's lower end is the smallest power
       of two at which at most this share of the nonzero float32 gradient
-      entries (all leaves together) is flushed to zero or subnormal.
+      entries (all leaves together, float32 noise left out: see
+      `Diagnosis.flush_shares`) is flushed to zero or subnormal.
     jump_factor: the error "jumps" at the first module (in finishing order)
       whose added error exceeds this many times the largest added error
       before it (and the compute dtype's epsilon).
@@ -247,6 +248,11 @@ class Diagnosis:
     first_jump: the module where the added error first jumps, or None.
     prescription: the `Prescription`.
     thresholds: the `DoctorThresholds` used.
+    flush_shares: the share of nonzero float32 gradient entries flushed at
+      loss scale ``2**k``, for ``k = 0, ..., 24``, leaving out leaves whose
+      largest |gradient| is below float32's epsilon times the largest of
+      all (float32 rounding noise of a gradient that is zero in exact
+      arithmetic, such as attention key biases').
     seconds: wall time of the diagnosis.
   """
   policy: Any
@@ -259,6 +265,7 @@ class Diagnosis:
   first_jump: Optional[ModuleDiagnosis]
   prescription: Prescription
   thresholds: DoctorThresholds
+  flush_shares: Tuple[float, ...]
   seconds: float
 
   @property
@@ -333,6 +340,7 @@ class Diagnosis:
             "use_bfloat16": p.use_bfloat16,
             "policy_map": repr(p.policy_map), "notes": list(p.notes)},
         "thresholds": dataclasses.asdict(self.thresholds),
+        "flush_shares_by_scale_log2": list(self.flush_shares),
         "seconds": self.seconds,
     }
     return _json_safe(out)
@@ -524,8 +532,19 @@ def prescribe(modules: Sequence[ModuleDiagnosis],
   suggested = policy_map_lib.PolicyMap(default, overrides, islands=islands_on,
                                        strict=strict)
   scale_range = _scale_range(grad_max_abs, flush_shares, compute, thresholds)
-  if scale_range is None and compute == jnp.float16:
-    range_problem = True
+  if scale_range is None:
+    high = _highest_safe_log2(grad_max_abs, compute, len(flush_shares))
+    if high is None:
+      notes.append(f"The largest float32 gradient ({grad_max_abs:.3g}) "
+                   f"does not fit {compute.name} even at loss scale 1.")
+    else:
+      notes.append(
+          f"At 2**{high}, the largest scale at which the largest gradient "
+          f"fits, {flush_shares[high]:.2%} of the nonzero gradient entries "
+          f"still flush to zero (max_flush_share "
+          f"{thresholds.max_flush_share:.2%}).")
+    if compute == jnp.float16:
+      range_problem = True
   if compute != jnp.float16 and scale_range is not None and \
       scale_range[0] == 1.0:
     notes.append(f"{compute.name} needs no loss scale: scale 1 flushes at "
@@ -535,19 +554,26 @@ def prescribe(modules: Sequence[ModuleDiagnosis],
                       notes=tuple(notes))
 
 
+def _highest_safe_log2(grad_max_abs: float, compute: jnp.dtype,
+                       count: int) -> Optional[int]:
+  """The largest k < count at which ``grad_max_abs * 2**k`` fits, or None."""
+  if not math.isfinite(grad_max_abs):
+    return None
+  if grad_max_abs == 0:
+    return count - 1
+  high = min(count - 1, math.floor(math.log2(float(jnp.finfo(compute).max))
+                                   - math.log2(grad_max_abs)))
+  return high if high >= 0 else None
+
+
 def _scale_range(grad_max_abs: float, flush_shares: Sequence[float],
                  compute: jnp.dtype,
                  thresholds: DoctorThresholds) -> Optional[Tuple[float, float]]:
   """``(2**low, 2**high)``: see `Prescription.loss_scale_range`."""
-  if not math.isfinite(grad_max_abs):
-    return None
-  limit = float(jnp.finfo(compute).max)
-  high = (len(flush_shares) - 1 if grad_max_abs == 0 else
-          min(len(flush_shares) - 1,
-              math.floor(math.log2(limit) - math.log2(grad_max_abs))))
+  high = _highest_safe_log2(grad_max_abs, compute, len(flush_shares))
   low = next((k for k, share in enumerate(flush_shares)
               if share <= thresholds.max_flush_share), None)
-  if low is None or high < 0 or low > high:
+  if low is None or high is None or low > high:
     return None
   return float(2 ** low), float(2 ** high)
 
@@ -932,12 +958,19 @@ def precision_doctor(model: Any, batches: Sequence[Any], loss_fn: Callable,
     at_scale = [(s.underflow, s.nonzero) for s in jax.tree.leaves(
         current.leaves, is_leaf=lambda x: isinstance(
             x, grad_stats_lib.TensorStats))]
-    # One loop body for every scale: one compiled grad_stats, not 25.
-    sweep = jax.lax.map(
-        lambda s: grad_stats_lib.grad_stats(ref_grads, s, compute).total,
-        2.0 ** jnp.arange(_MAX_SCALE_LOG2 + 1, dtype=jnp.float32))
     leaf_max = [jnp.max(jnp.abs(r.astype(jnp.float32)), initial=0)
                 for _, r in ref_flat]
+    # A leaf below float32's resolution of the largest gradient is rounding
+    # noise of a gradient that is zero in exact arithmetic (attention key
+    # biases): it would count as "flushed" at every scale.
+    resolution = jnp.finfo(jnp.float32).eps * jnp.max(jnp.stack(leaf_max))
+    signal = jax.tree.map(
+        lambda r: jnp.where(jnp.max(jnp.abs(r), initial=0) < resolution,
+                            jnp.zeros_like(r), r), ref_grads)
+    # One loop body for every scale: one compiled grad_stats, not 25.
+    sweep = jax.lax.map(
+        lambda s: grad_stats_lib.grad_stats(signal, s, compute).total,
+        2.0 ** jnp.arange(_MAX_SCALE_LOG2 + 1, dtype=jnp.float32))
     return dict(ref_loss=ref_loss, pol_loss=pol_loss, modules=modules,
                 leaves=leaves, at_scale=at_scale, leaf_max=leaf_max,
                 sweep_underflow=sweep.underflow,
@@ -978,7 +1011,7 @@ def precision_doctor(model: Any, batches: Sequence[Any], loss_fn: Callable,
       loss_policy=float(totals["pol_loss"]) / n, modules=modules,
       leaves=leaves, first_jump=first_jump(modules, thresholds),
       prescription=prescription, thresholds=thresholds,
-      seconds=time.perf_counter() - start)
+      flush_shares=tuple(shares), seconds=time.perf_counter() - start)
 
 
 def _accumulate(total: Any, new: Any) -> Any:
