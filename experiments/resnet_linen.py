@@ -15,10 +15,18 @@ scale, time) and writes it as JSON.
 
 Command (from the repository root, after `pip install -e .`):
 
-  python experiments/resnet_linen.py             # ~3 min on 2 CPU cores
+  python experiments/resnet_linen.py     # ~40 s a configuration, idle 2 cores
 
 Expected with the defaults (300 steps x 64, Nesterov SGD 0.1 with warm-up and
-cosine decay, weight decay 5e-4): EXPECTED_LINEN.
+cosine decay, weight decay 5e-4, seed 0): eval accuracy about 92% in every
+configuration, the mixed ones within 3 points of float32 (measured 92.4%
+float32, -0.3 points bfloat16, -1.1 points float16 on CPU; the script exits
+with an error beyond --max-gap-points), final train loss about 0.14, 0
+skipped steps in mixed_float16 (the scale stays 65536: 300 steps are fewer
+than the 2000-step growth interval), the batch statistics float32 under every
+policy. Times on a CPU say little: XLA:CPU converts float16 and bfloat16
+convolutions to float32, and the recorded run shared its 2 cores with other
+jobs (load average ~20: 17 minutes for the three configurations).
 """
 
 import os
