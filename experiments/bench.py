@@ -54,13 +54,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import mpjax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import bench_compiled  # pylint: disable=g-import-not-at-top,wrong-import-position
-import bench_core  # pylint: disable=g-import-not-at-top,wrong-import-position
-import bench_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+# bench_peers imports no jax (its peers are imported when they run).
 import bench_peers  # pylint: disable=g-import-not-at-top,wrong-import-position
-import bench_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SUITE_MODELS = {"cpu": ("mlp", "cnn", "gpt"),
                 "gpu": ("gpt2-124m", "mlp", "cnn", "gpt"),
@@ -70,6 +65,11 @@ SUITE_PEER_MODELS = {"cpu": ("mlp", "cnn", "gpt"), "gpu": ("gpt2-124m",),
 # Audited, traced and projected from shapes alone, never run.
 SUITE_AUDIT_ONLY = {"cpu": ("gpt2-124m",), "gpu": (), "gpu-compiled": ()}
 MODELS = ("mlp", "cnn", "gpt", "gpt2-124m", "flax-lm")
+# bench_compiled.TARGETS and the names of bench_models.POLICIES, for the
+# flags (parsed before jax is imported).
+TARGETS = ("h100_sxm", "b200")
+POLICIES = ("float32_highest", "float32", "mixed_bfloat16", "mixed_float16",
+            "float16_static")
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                       help="gpu-compiled: every step compiled for GPU targets "
                            "on this machine (no GPU; bench_compiled.py)")
   parser.add_argument("--targets", nargs="+",
-                      default=list(bench_compiled.TARGETS),
+                      default=list(TARGETS),
                       help="gpu-compiled: GPU targets (mpjax.gpu_target "
                            "names)")
   parser.add_argument("--no-batch-search", dest="batch_search",
@@ -88,6 +88,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                       help="gpu-compiled: skip the largest-batch search")
   parser.add_argument("--batch-search-only", action="store_true",
                       help="gpu-compiled: only the largest-batch search")
+  parser.add_argument("--batch-known", type=json.loads, default={},
+                      help='gpu-compiled: JSON {"POLICY/VARIANT": {"BATCH": '
+                           'PEAK_BYTES}}: peaks compiled in an earlier run, '
+                           'to start the search from')
   parser.add_argument("--variants", nargs="+",
                       choices=("island", "fused-attention",
                                "xla-excess-precision"),
@@ -106,8 +110,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                            "from shapes alone, never run (default: cpu "
                            "gpt2-124m, gpu none)")
   parser.add_argument("--policies", nargs="+",
-                      choices=[p.name for p in bench_models.POLICIES],
-                      default=[p.name for p in bench_models.POLICIES])
+                      choices=POLICIES, default=list(POLICIES))
   parser.add_argument("--peers", nargs="*", choices=bench_peers.PEERS,
                       default=list(bench_peers.PEERS),
                       help="peer frameworks (none: --peers with no value)")
@@ -137,6 +140,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
   parser.add_argument("--max-minutes", type=float,
                       help="start no new measurement after this many minutes "
                            "(the rest is listed as skipped); default none")
+  parser.add_argument("--merge", nargs="+", metavar="DIR",
+                      help="merge the records of several runs' "
+                           "DIR/results.json (one suite, e.g. gpu-compiled "
+                           "parts run in parallel) into --out and render")
   parser.add_argument("--render", metavar="DIR",
                       help="only redraw DIR/results.md and plots from "
                            "DIR/results.json")
@@ -160,6 +167,18 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
   if args.warmup < 0:
     parser.error("--warmup must be >= 0")
   return args
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args(sys.argv[1:])
+
+import mpjax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import bench_compiled  # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_core  # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def specs(args: argparse.Namespace) -> Dict[str, bench_models.ModelSpec]:
@@ -331,7 +350,7 @@ def run_compiled(bench: "Bench") -> None:
                 f"{values['lost_rounding_bytes'] / 2**20:7.0f} MiB  "
                 f"projected {1e3 * values['projection']['projected_step_s']:8.3f}"
                 f" ms  compile {values['compile_s']:5.1f} s", flush=True)
-      bench.write_partial()
+          bench.write_partial()
   if not a.batch_search or "gpt2-124m" not in a.models:
     return
   make = ((lambda b: dataclasses.replace(bench_models.quick(
@@ -354,7 +373,9 @@ def run_compiled(bench: "Bench") -> None:
     print(what, flush=True)
     values = bench_compiled.largest_batch(
         make, pol, variant, budget=(64 * 2**20 if a.quick else None),
-        max_compiles=5 if a.quick else 8)
+        max_compiles=5 if a.quick else 8,
+        known={int(b): int(p) for b, p in
+               a.batch_known.get(f"{name}/{variant}", {}).items()})
     spec = make(values["largest_batch"] or 1)
     bench.add(spec, name, "mpjax", "largest_batch", dict(values,
                                                          variant=variant))
@@ -391,8 +412,34 @@ def finish(result: Dict[str, Any], out: str) -> None:
                             os.path.join(out, "results.md")] + written))
 
 
+def merge(dirs: List[str]) -> Dict[str, Any]:
+  """One result from several runs of one suite: records in order (a later
+  run's record replaces an earlier one of the same model, policy,
+  measurement, variant and target), every command kept."""
+  runs = []
+  for d in dirs:
+    with open(os.path.join(d, "results.json")) as f:
+      runs.append(json.load(f))
+  keyed: Dict[tuple, dict] = {}
+  for run in runs:
+    for r in run["records"]:
+      v = r["values"]
+      keyed[(r["model"], r["policy"], r["framework"], r["measurement"],
+             v.get("variant"), v.get("target_name", v.get("target")))] = r
+  env = dict(runs[0]["environment"])
+  env["commands"] = [run["environment"]["command"] for run in runs]
+  env["command"] = " ; ".join(env["commands"])
+  return {"environment": env, "records": list(keyed.values()),
+          "skipped": sorted({s for run in runs for s in run.get("skipped", [])}),
+          "elapsed_s": sum(run.get("elapsed_s", 0) for run in runs)}
+
+
 def main(argv: List[str]) -> Dict[str, Any]:
   args = parse_args(argv[1:])
+  if args.merge:
+    result = merge(args.merge)
+    finish(result, args.out)
+    return result
   if args.render:
     with open(os.path.join(args.render, "results.json")) as f:
       result = json.load(f)
