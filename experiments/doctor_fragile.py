@@ -29,6 +29,34 @@ import os
 import sys
 from typing import Any, Dict, List
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--pixel-scale", type=float, default=255.0,
+                      help="pixels in [0, this]")
+  parser.add_argument("--window", type=int, default=20,
+                      help="final loss = mean of the last N steps")
+  parser.add_argument("--doctor-batches", type=int, default=2)
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--plot", default=None)
+  args = parser.parse_args(argv)
+  if args.plot:
+    cli.require_module(parser, "matplotlib", "--plot", "experiments")
+  cli.require_module(parser, "sklearn", "the digits data", "experiments")
+  return args
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args(sys.argv[1:])
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,7 +65,6 @@ import optax
 
 import mpjax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -104,19 +131,7 @@ def train(policy: Any, scaling: mpjax.LossScaling, params: Any,
 
 
 def main(argv: List[str]) -> Dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--lr", type=float, default=1e-3)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--pixel-scale", type=float, default=255.0,
-                      help="pixels in [0, this]")
-  parser.add_argument("--window", type=int, default=20,
-                      help="final loss = mean of the last N steps")
-  parser.add_argument("--doctor-batches", type=int, default=2)
-  parser.add_argument("--json", default=None)
-  parser.add_argument("--plot", default=None)
-  args = parser.parse_args(argv[1:])
+  args = parse_args(argv[1:])
 
   split = datasets.load_digits(seed=args.seed)
   split = datasets.Split(split.x_train * args.pixel_scale, split.y_train,

@@ -29,13 +29,35 @@ import os
 import sys
 from typing import List
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.path.join("runs", "float16_failure"))
+  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--growth-interval", type=int, default=20)
+  parser.add_argument("--stats-every", type=int, default=5)
+  parser.add_argument("--max-consecutive-skips", type=int, default=20)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  cli.require_module(parser, "matplotlib", "the figure", "experiments")
+  cli.require_module(parser, "sklearn", "the digits data", "experiments")
+  return args
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args(sys.argv[1:])
+
 import jax
 import numpy as np
 import optax
 
 import mpjax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 import seed_mlp  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -101,15 +123,7 @@ def describe(result: dict) -> str:
 
 
 def main(argv: List[str]) -> List[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=os.path.join("runs", "float16_failure"))
-  parser.add_argument("--steps", type=int, default=60)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--growth-interval", type=int, default=20)
-  parser.add_argument("--stats-every", type=int, default=5)
-  parser.add_argument("--max-consecutive-skips", type=int, default=20)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv[1:])
+  args = parse_args(argv[1:])
   os.makedirs(args.out, exist_ok=True)
   results = [train(name, pixel_max, args)
              for name, pixel_max in SCENARIOS.items()]

@@ -29,6 +29,25 @@ import time
 import types
 from typing import Any, Dict, List
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.path.join("benchmarks",
+                                                    "optimizer_precision"))
+  parser.add_argument("--min-seconds", type=float, default=30.0)
+  parser.add_argument("--skip-gpt2", action="store_true")
+  parser.add_argument("--skip-seed", action="store_true")
+  args = parser.parse_args(argv)
+  return args
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args(sys.argv[1:])
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +56,6 @@ import optax
 import mpjax
 from mpjax._src import loss_scaled as loss_scaled_lib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_core  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_models  # pylint: disable=g-import-not-at-top,wrong-import-position
 import lm_common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -165,13 +183,7 @@ def gpt2_h100_peaks(names: List[str]) -> List[Dict[str, Any]]:
 
 
 def main(argv: List[str]) -> Dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=os.path.join("benchmarks",
-                                                    "optimizer_precision"))
-  parser.add_argument("--min-seconds", type=float, default=30.0)
-  parser.add_argument("--skip-gpt2", action="store_true")
-  parser.add_argument("--skip-seed", action="store_true")
-  args = parser.parse_args(argv[1:])
+  args = parse_args(argv[1:])
   result = {"environment": report.environment(argv)}
   if not args.skip_seed:
     result["seed_mlp"] = seed_mlp_steps(args.min_seconds)

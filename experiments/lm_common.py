@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import optax
 
+import cli
 import lm_data
 import mpjax
 import optimizer_precision
@@ -190,6 +191,7 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
       "timed_steps": loop.timed_steps,
       "resumed_at_step": args.steps - len(loop.losses),
       "steps": args.steps,
+      "stopped_at_step": loop.stopped_at,
       "skipped_steps": int(scale_state.skipped_steps),
       "final_loss_scale": float(scale_state.scale),
       "compile_s": compile_s,
@@ -215,46 +217,8 @@ COLUMNS = (
 )
 
 
-def parse_args(argv: List[str], api: str) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=f"Train the {api} transformer LM in float32, mixed_bfloat16 "
-                  "and mixed_float16 + dynamic loss scaling.")
-  parser.add_argument("--model", choices=("small", "gpt2-124m"),
-                      default="small",
-                      help="small: the flags below; gpt2-124m: GPT-2 small's "
-                           "shape (12 x 768, 12 heads, vocabulary 256 here)")
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--d-model", type=int, default=64)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--seq-len", type=int, default=64)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--lr", type=float, default=3e-3)
-  parser.add_argument("--warmup-steps", type=int, default=30)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--max-bytes", type=int, default=2_000_000)
-  parser.add_argument("--eval-batches", type=int, default=16)
-  parser.add_argument("--report-window", type=int, default=50,
-                      help="final train loss = mean of the last N steps")
-  parser.add_argument("--timing-warmup", type=int, default=10,
-                      help="steps left out of tokens/s")
-  parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS],
-                      choices=[c.name for c in CONFIGS])
-  parser.add_argument("--max-gap-pct", type=float, default=2.0,
-                      help="exit with an error if a mixed run's val loss is "
-                           "more than this far from float32's")
-  parser.add_argument("--json", default=os.path.join("runs", f"lm_{api}.json"))
-  optimizer_precision.add_argument(parser)
-  training.add_arguments(parser, f"lm_{api}")
-  args = parser.parse_args(argv)
-  for name in ("layers", "d_model", "heads", "seq_len", "batch_size", "steps",
-               "eval_batches", "report_window"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1")
-  if args.timing_warmup >= args.steps:
-    args.timing_warmup = 0
-  training.check_arguments(parser, args)
-  return args
+# The flags live in cli.py, which answers --help without importing jax.
+parse_args = cli.parse_lm_args
 
 
 def model_config(args: argparse.Namespace) -> LMConfig:
@@ -318,6 +282,8 @@ def main(argv: List[str], api: str, build: Build,
   if args.metrics:
     print(f"wrote {args.metrics}")
   training.plot(args, title=f"{api} transformer LM")
+  for line in cli.stopped_lines(rows, args, argv):
+    print(line)
   if failed:
     raise SystemExit(f"{', '.join(failed)}: validation loss more than "
                      f"{args.max_gap_pct}% away from float32's.")

@@ -19,11 +19,17 @@ import os
 import sys
 from typing import Any, Callable, Tuple
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  cli.parse_lm_args(sys.argv[1:], "nnx")
+
 from flax import nnx
 
 import mpjax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import lm_models_nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -32,7 +32,32 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.path.join("benchmarks",
+                                                    "optimizer_precision"))
+  parser.add_argument("--configs", nargs="+",
+                      default=list(cli.OPTIMIZER_PRECISIONS),
+                      choices=list(cli.OPTIMIZER_PRECISIONS))
+  parser.add_argument("--experiments", nargs="+", default=["seed", "lm"],
+                      choices=["seed", "lm"])
+  parser.add_argument("--lm-steps", type=int, default=None)
+  parser.add_argument("--seed-epochs", type=int, default=None)
+  parser.add_argument("--replot", action="store_true",
+                      help="only redraw the plot from OUT/results.json")
+  args = parser.parse_args(argv)
+  cli.require_module(parser, "matplotlib", "the plot", "experiments")
+  return args
+
+
+if __name__ == "__main__":
+  parse_args(sys.argv[1:])  # --help and flag errors before jax is imported
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import jmp
 import numpy as np
@@ -40,46 +65,12 @@ import optax
 
 import mpjax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerPrecision:
-  """One storage configuration of the params and the Adam moments."""
-  name: str
-  param_dtype: str
-  mu_dtype: str
-  nu_dtype: str
-  rounding: str
-  note: str
-
-
-PRESETS = {p.name: p for p in (
-    OptimizerPrecision("f32", "float32", "float32", "float32", "nearest",
-                       "float32 masters + float32 moments"),
-    OptimizerPrecision("bf16-moments", "float32", "bfloat16", "bfloat16",
-                       "nearest", "float32 masters + bfloat16 moments"),
-    OptimizerPrecision("bf16-sr", "bfloat16", "bfloat16", "bfloat16",
-                       "stochastic", "bfloat16 masters, stochastic rounding, "
-                       "bfloat16 moments"),
-    OptimizerPrecision("bf16-kahan", "bfloat16", "bfloat16", "bfloat16",
-                       "kahan", "bfloat16 masters + bfloat16 Kahan buffer, "
-                       "bfloat16 moments"),
-    OptimizerPrecision("bf16-nearest", "bfloat16", "bfloat16", "bfloat16",
-                       "nearest", "bfloat16 masters, round to nearest, "
-                       "bfloat16 moments"),
-)}
-
-
-def add_argument(parser: argparse.ArgumentParser) -> None:
-  """The ``--optimizer-precision`` flag of the experiments."""
-  parser.add_argument(
-      "--optimizer-precision", choices=sorted(PRESETS), default=None,
-      help="train with mpjax.adamw in this storage configuration (params "
-           "stored in its param dtype): " + "; ".join(
-               f"{p.name}: {p.note}" for p in PRESETS.values()) +
-           ". Default: optax.adam, params in the policy's param dtype")
+# The storage configurations, by name: plain strings in cli.py, so that the
+# --optimizer-precision flag needs no jax.
+PRESETS = cli.OPTIMIZER_PRECISIONS
 
 
 def optimizer(name: str, learning_rate: optax.ScalarOrSchedule, seed: int,
@@ -235,18 +226,7 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
 
 
 def main(argv: List[str]) -> Dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=os.path.join("benchmarks",
-                                                    "optimizer_precision"))
-  parser.add_argument("--configs", nargs="+", default=list(PRESETS),
-                      choices=list(PRESETS))
-  parser.add_argument("--experiments", nargs="+", default=["seed", "lm"],
-                      choices=["seed", "lm"])
-  parser.add_argument("--lm-steps", type=int, default=None)
-  parser.add_argument("--seed-epochs", type=int, default=None)
-  parser.add_argument("--replot", action="store_true",
-                      help="only redraw the plot from OUT/results.json")
-  args = parser.parse_args(argv[1:])
+  args = parse_args(argv[1:])
   os.makedirs(args.out, exist_ok=True)
   if args.replot:
     with open(os.path.join(args.out, "results.json")) as f:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import cli
 import mpjax
 import report
 import resnet_data
@@ -186,6 +187,7 @@ def run_config(run: RunConfig, api: Api, config: ResNetConfig,
       "timed_steps": loop.timed_steps,
       "resumed_at_step": args.steps - len(loop.losses),
       "steps": args.steps,
+      "stopped_at_step": loop.stopped_at,
       "skipped_steps": int(scale_state.skipped_steps),
       "final_loss_scale": float(scale_state.scale),
       "compile_s": compile_s,
@@ -213,50 +215,8 @@ COLUMNS = (
 )
 
 
-def parse_args(argv: List[str], api: str) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      description=f"Train the {api} ResNet (BatchNorm) in float32, "
-                  "mixed_bfloat16 and mixed_float16 + dynamic loss scaling.")
-  parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64],
-                      help="channels per stage")
-  parser.add_argument("--blocks-per-stage", type=int, default=1)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--lr", type=float, default=0.1)
-  parser.add_argument("--weight-decay", type=float, default=5e-4)
-  parser.add_argument("--warmup-steps", type=int, default=20)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--num-train", type=int, default=5000)
-  parser.add_argument("--num-eval", type=int, default=1000)
-  parser.add_argument("--noise", type=float, default=3.0,
-                      help="pixel noise of the synthetic images")
-  parser.add_argument("--eval-batch-size", type=int, default=500)
-  parser.add_argument("--report-window", type=int, default=30,
-                      help="final train loss = mean of the last N steps")
-  parser.add_argument("--timing-warmup", type=int, default=5,
-                      help="steps left out of train s and ms/step")
-  parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS],
-                      choices=[c.name for c in CONFIGS])
-  parser.add_argument("--max-gap-points", type=float, default=3.0,
-                      help="exit with an error if a mixed run's eval accuracy "
-                           "is more than this many points from float32's")
-  parser.add_argument("--json", default=os.path.join("runs",
-                                                     f"resnet_{api}.json"))
-  training.add_arguments(parser, f"resnet_{api}")
-  args = parser.parse_args(argv)
-  for name in ("blocks_per_stage", "batch_size", "steps", "num_train",
-               "num_eval", "eval_batch_size", "report_window"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1")
-  if min(args.widths) < 1:
-    parser.error("--widths must be >= 1")
-  if args.batch_size > args.num_train:
-    parser.error(f"--batch-size {args.batch_size} exceeds --num-train "
-                 f"{args.num_train}")
-  if args.timing_warmup >= args.steps:
-    args.timing_warmup = 0
-  training.check_arguments(parser, args)
-  return args
+# The flags live in cli.py, which answers --help without importing jax.
+parse_args = cli.parse_resnet_args
 
 
 def gap_failures(rows: List[dict], max_gap_points: float) -> List[str]:
@@ -314,6 +274,8 @@ def main(argv: List[str], api: Api) -> Dict[str, Any]:
   if args.metrics:
     print(f"wrote {args.metrics}")
   training.plot(args, title=f"{api.name} ResNet")
+  for line in cli.stopped_lines(rows, args, argv):
+    print(line)
   if failed:
     raise SystemExit(f"{', '.join(failed)}: eval accuracy more than "
                      f"{args.max_gap_points} points away from float32's.")

@@ -32,10 +32,16 @@ jobs (load average ~20: 17 minutes for the three configurations).
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  cli.parse_resnet_args(sys.argv[1:], "linen")
+
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpjax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import resnet_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import resnet_data  # pylint: disable=g-import-not-at-top,wrong-import-position

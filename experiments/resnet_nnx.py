@@ -21,9 +21,15 @@ than the linen one, so the numbers differ slightly.
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  cli.parse_resnet_args(sys.argv[1:], "nnx")
+
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpjax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import resnet_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import resnet_models_nnx  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -32,6 +32,49 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The names of CONFIGS below, for the flags (they are parsed before jax loads).
+CONFIG_NAMES = ("float32", "mixed_float16+keras", "float16_autocast+torch",
+                "mixed_bfloat16")
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data-dir", default=None,
+                      help="directory with the four MNIST IDX files (raw or "
+                           ".gz); default: scikit-learn's bundled digits")
+  parser.add_argument("--epochs", type=int, default=10)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--warmup", type=int, default=5,
+                      help="steps left out of the median step time")
+  parser.add_argument("--configs", nargs="+", default=list(CONFIG_NAMES),
+                      choices=CONFIG_NAMES)
+  parser.add_argument("--json", default=os.path.join("runs", "seed_mlp.json"),
+                      help="where to write the table as JSON")
+  cli.add_optimizer_precision_argument(parser)
+  cli.add_run_arguments(parser, "seed_mlp")
+  args = parser.parse_args(argv)
+  for name in ("epochs", "batch_size"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1, got "
+                   f"{getattr(args, name)}")
+  if args.warmup < 0:
+    parser.error(f"--warmup must be >= 0, got {args.warmup}")
+  cli.check_run_arguments(parser, args)
+  if args.data_dir is None:
+    cli.require_module(parser, "sklearn", "the bundled digits (no --data-dir)",
+                       "experiments")
+  return args
+
+
+if __name__ == "__main__":
+  parse_args(sys.argv[1:])  # --help and flag errors before jax is imported
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -40,12 +83,12 @@ import optax
 
 import mpjax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optimizer_precision  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import training  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +207,7 @@ def run_config(config: Config, split: datasets.Split,
       **report.xla_memory(compiled),
       "steps": len(batches),
       "steps_this_run": len(step_times),
+      "stopped_at_step": loop.stopped_at,
       "skipped_steps": int(scale_state.skipped_steps),
       "final_loss_scale": float(scale_state.scale),
       "params_all_finite": bool(all(
@@ -198,34 +242,6 @@ def accuracy_gap(points_below: float) -> str:
     return "equal to float32's"
   side = "below" if points_below > 0 else "above"
   return f"{abs(points_below):.2f} points {side} float32"
-
-
-def parse_args(argv: List[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data-dir", default=None,
-                      help="directory with the four MNIST IDX files (raw or "
-                           ".gz); default: scikit-learn's bundled digits")
-  parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--lr", type=float, default=1e-3)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--warmup", type=int, default=5,
-                      help="steps left out of the median step time")
-  parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS],
-                      choices=[c.name for c in CONFIGS])
-  parser.add_argument("--json", default=os.path.join("runs", "seed_mlp.json"),
-                      help="where to write the table as JSON")
-  optimizer_precision.add_argument(parser)
-  training.add_arguments(parser, "seed_mlp")
-  args = parser.parse_args(argv)
-  for name in ("epochs", "batch_size"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1, got "
-                   f"{getattr(args, name)}")
-  if args.warmup < 0:
-    parser.error(f"--warmup must be >= 0, got {args.warmup}")
-  training.check_arguments(parser, args)
-  return args
 
 
 def main(argv: List[str]) -> dict:
@@ -267,6 +283,8 @@ def main(argv: List[str]) -> dict:
   if args.metrics:
     print(f"wrote {args.metrics}")
   training.plot(args, title=f"seed MLP on {split.name}")
+  for line in cli.stopped_lines(rows, args, argv):
+    print(line)
   return result
 
 

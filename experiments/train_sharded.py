@@ -27,22 +27,12 @@ import os
 import sys
 from typing import List
 
-import jax
-import numpy as np
-import optax
-
-import mpjax
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
-import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-import seed_mlp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SCALINGS = {
-    "none": mpjax.NoScaling(),
-    "torch": mpjax.DynamicScaling.like_torch(),
-    "keras": mpjax.DynamicScaling.like_keras(),
-}
+
+# The keys of SCALINGS below, for the flags (parsed before jax loads).
+SCALING_NAMES = ("keras", "none", "torch")
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -52,7 +42,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                       help="mesh shape, e.g. '8' or '2,4' (default: all "
                            "devices on one axis); axes are named data[,fsdp]")
   parser.add_argument("--policy", default="mixed_float16")
-  parser.add_argument("--scaling", choices=sorted(SCALINGS), default="torch")
+  parser.add_argument("--scaling", choices=SCALING_NAMES, default="torch")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch-size", type=int, default=128,
                       help="global batch size, split over every device")
@@ -68,7 +58,29 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.steps < 1 or args.batch_size < 1:
     parser.error("--steps and --batch-size must be >= 1")
+  cli.require_module(parser, "sklearn", "the digits data", "experiments")
   return args
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args(sys.argv[1:])
+
+import jax
+import numpy as np
+import optax
+
+import mpjax
+
+import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
+import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import seed_mlp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SCALINGS = {
+    "none": mpjax.NoScaling(),
+    "torch": mpjax.DynamicScaling.like_torch(),
+    "keras": mpjax.DynamicScaling.like_keras(),
+}
 
 
 def initialize_distributed() -> None:

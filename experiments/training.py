@@ -18,67 +18,6 @@ import jax
 import mpjax
 
 
-def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-  """The flags every experiment has: metrics, guard, progress, checkpoints."""
-  parser.add_argument("--metrics", default=os.path.join(
-      "runs", f"{name}_metrics.jsonl"),
-                      help="one JSON object per logged step for every "
-                           "configuration (metrics.jsonl); '' turns it off")
-  parser.add_argument("--log-every", type=int, default=1,
-                      help="log (and fetch) the metrics every N steps")
-  parser.add_argument("--stats-every", type=int, default=10,
-                      help="gradient underflow statistics every N steps "
-                           "(0: never)")
-  parser.add_argument("--plot", nargs="?", const=os.path.join(
-      "runs", f"{name}.png"), default=None,
-                      help="draw the configurations' loss, scale and "
-                           "underflow on one figure (PNG path)")
-  parser.add_argument("--max-consecutive-skips", type=int, default=100,
-                      help="stop a configuration after this many skipped "
-                           "steps in a row, naming the non-finite leaves")
-  parser.add_argument("--no-attribution", dest="attribution",
-                      action="store_false",
-                      help="do not record which gradient leaves were "
-                           "non-finite")
-  parser.add_argument("--quiet", action="store_true", help="no progress bar")
-  parser.add_argument("--checkpoint-dir", default=None,
-                      help="save each configuration's train state under "
-                           "DIR/<config> (atomic, step-numbered, newest 2 kept)")
-  parser.add_argument("--checkpoint-every", type=int, default=50,
-                      help="steps between checkpoints; the last step is "
-                           "always saved")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue each configuration from its latest "
-                           "checkpoint in --checkpoint-dir")
-  parser.add_argument("--doctor", action="store_true",
-                      help="before training each mixed configuration, "
-                           "compare it with float32 on its first batches "
-                           "(mpjax.precision_doctor) and print the diagnosis")
-  parser.add_argument("--doctor-batches", type=int, default=2,
-                      help="batches the --doctor diagnosis compares")
-  parser.add_argument("--stop-after", type=int, default=None,
-                      help="stop each configuration after this many steps in "
-                           "this invocation, checkpointed (a job with a time "
-                           "limit; continue it with --resume)")
-
-
-def check_arguments(parser: argparse.ArgumentParser,
-                    args: argparse.Namespace) -> None:
-  """parser.error for flag values `add_arguments`'s flags cannot take."""
-  for flag, least in (("log_every", 1), ("stats_every", 0),
-                      ("max_consecutive_skips", 1), ("checkpoint_every", 1),
-                      ("doctor_batches", 1)):
-    if getattr(args, flag) < least:
-      parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got "
-                   f"{getattr(args, flag)}")
-  if args.plot and not args.metrics:
-    parser.error("--plot draws from the metrics file: give --metrics FILE")
-  if args.resume and not args.checkpoint_dir:
-    parser.error("--resume needs --checkpoint-dir")
-  if args.stop_after is not None and args.stop_after < 1:
-    parser.error(f"--stop-after must be >= 1, got {args.stop_after}")
-
-
 def open_checkpoints(args: argparse.Namespace, name: str,
                      state: mpjax.TrainState):
   """(manager or None, state): restores `state` when --resume finds a step.
@@ -110,6 +49,7 @@ class LoopResult:
   step_times: List[float]  # per step with time_each_step, else []
   elapsed_s: float  # wall time of the timed steps (ends synchronised)
   timed_steps: int  # steps after `warmup`
+  stopped_at: Optional[int] = None  # the step --stop-after stopped at, if it did
 
 
 def doctor(args: argparse.Namespace, name: str, model: Any,
@@ -170,7 +110,7 @@ def run(step: Callable, state: mpjax.TrainState, batch_at: Callable[[int], Any],
       batches it would have seen.
     name: the configuration's name (``run`` in the metrics records).
     last: the step count to reach.
-    args: the parsed flags of `add_arguments`.
+    args: the parsed flags of `cli.add_run_arguments`.
     log: where to write the records.
     checkpoints: a manager from `open_checkpoints`, closed at the end.
     loss_scaled: whether a loss scale can back off (see `mpjax.SkipGuard`).
@@ -183,8 +123,9 @@ def run(step: Callable, state: mpjax.TrainState, batch_at: Callable[[int], Any],
     extra: more keys for step i's record.
   """
   first = int(state.step)
-  if args.stop_after is not None:
-    last = min(last, first + args.stop_after)
+  stopped_at = None
+  if args.stop_after is not None and first + args.stop_after < last:
+    last = stopped_at = first + args.stop_after
   guard = mpjax.SkipGuard(args.max_consecutive_skips, like=state.params,
                           loss_scaled=loss_scaled)
   result = LoopResult(state, [], [], [], 0.0, 0)
@@ -229,7 +170,10 @@ def run(step: Callable, state: mpjax.TrainState, batch_at: Callable[[int], Any],
   if checkpoints is not None:
     checkpoints.save(state, step=last, force=True)
     checkpoints.close()
-  result.state = state
+  result.state, result.stopped_at = state, stopped_at
+  if stopped_at is not None:
+    print(f"{name}: stopped at step {stopped_at} by --stop-after "
+          f"{args.stop_after}", flush=True)
   return result
 
 
