@@ -40,6 +40,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
   parser.add_argument("--min-seconds", type=float, default=30.0)
   parser.add_argument("--skip-gpt2", action="store_true")
   parser.add_argument("--skip-seed", action="store_true")
+  parser.add_argument("--gpt2-configs", nargs="+",
+                      default=list(cli.OPTIMIZER_PRECISIONS),
+                      choices=list(cli.OPTIMIZER_PRECISIONS))
   args = parser.parse_args(argv)
   return args
 
@@ -189,11 +192,10 @@ def main(argv: List[str]) -> Dict[str, Any]:
     result["seed_mlp"] = seed_mlp_steps(args.min_seconds)
     print(json.dumps(result["seed_mlp"], indent=1), flush=True)
   if not args.skip_gpt2:
-    result["gpt2_124m_h100"] = gpt2_h100_peaks(list(
-        optimizer_precision.PRESETS))
+    result["gpt2_124m_h100"] = gpt2_h100_peaks(args.gpt2_configs)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "fused_skip.json" if not args.skip_seed
-                      else "gpt2_h100.json")
+                      else "gpt2_h100_" + "_".join(args.gpt2_configs) + ".json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
   print(f"wrote {path}")

@@ -21,8 +21,9 @@ plot:
   python experiments/optimizer_precision.py    # ~15 min on 2 busy CPU cores
 
 Expected: bf16-sr and bf16-kahan within 1% of f32's final validation loss,
-bf16-nearest visibly behind; the full 16-bit configurations hold 8 bytes per
-parameter (bf16-kahan 10) against f32's 12.
+bf16-nearest visibly behind on the LM; params + optimizer state take 6 bytes
+per parameter with bfloat16 masters and moments (0.5x of f32's 12; Kahan's
+buffer makes it 8), 8 with float32 masters and bfloat16 moments.
 """
 
 import argparse
