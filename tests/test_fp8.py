@@ -363,3 +363,7 @@ def test_lowered_matmuls_are_all_fp8_with_float32_results():
   assert pairs == [("float8_e4m3fn", "float8_e4m3fn", "float32"),
                    ("float8_e5m2", "float8_e4m3fn", "float32"),
                    ("float8_e5m2", "float8_e4m3fn", "float32")]
+  per_matmul = 2 * 4 * 8 * 2
+  assert report.fp8_flops() == {"float8_e4m3fn": 3 * per_matmul,
+                                "float8_e5m2": 2 * per_matmul,
+                                "fp8": 3 * per_matmul}

@@ -112,6 +112,22 @@ class ProgramAudit(NamedTuple):
     return sum(m.flops for m in self.matmuls
                if m.lhs_dtype == name and m.rhs_dtype == name) / total
 
+  def fp8_flops(self) -> Dict[str, int]:
+    """Matmul FLOPs per fp8 format: each fp8 operand's format is credited
+    with the FLOPs of its matmuls (``{"float8_e4m3fn": n, "float8_e5m2":
+    m}``; an e5m2 x e4m3 gradient matmul counts for both), plus ``"fp8"``:
+    the FLOPs of matmuls whose two operands are fp8."""
+    out: Dict[str, int] = collections.Counter()
+    for m in self.matmuls:
+      formats = {d for d in (m.lhs_dtype, m.rhs_dtype)
+                 if d.startswith("float8")}
+      for d in formats:
+        out[d] += m.flops
+      if len(formats) and all(d.startswith("float8")
+                              for d in (m.lhs_dtype, m.rhs_dtype)):
+        out["fp8"] += m.flops
+    return dict(out)
+
   def float32_islands(self) -> Dict[str, int]:
     """Non-matmul ops computing in float32: ``{"exponential": 2, ...}``."""
     return {op: d["float32"] for op, d in sorted(self.op_dtypes.items())
