@@ -350,3 +350,20 @@ def test_other_bad_arguments_are_named(fragile):
     mpjax.precision_doctor(
         Fragile().apply, data, lambda p, b, a, r: a({"params": p}, b["x"]),
         "float32", params=params)
+
+
+def test_experiments_doctor_flag_prints_the_diagnosis(fragile, capsys):
+  import argparse  # pylint: disable=g-import-not-at-top
+  import training  # pylint: disable=g-import-not-at-top
+  params, data, _ = fragile
+  off = argparse.Namespace(doctor=False, doctor_batches=1)
+  assert training.doctor(off, "f16", Fragile().apply, iter(data), loss_fn,
+                         "mixed_float16", params=params) is None
+  on = argparse.Namespace(doctor=True, doctor_batches=1)
+  assert training.doctor(on, "f32", Fragile().apply, iter(data), loss_fn,
+                         "float32", params=params) is None  # the reference
+  d = training.doctor(on, "f16", Fragile().apply, iter(data), loss_fn,
+                      "mixed_float16", params=params)
+  assert d.batches == 1
+  assert [k for k, _ in d.prescription.keep_float32] == ["HandNorm_0"]
+  assert "== precision doctor: f16" in capsys.readouterr().out
