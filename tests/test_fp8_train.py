@@ -1,5 +1,10 @@
 """fp8 layers in the train step: state updates, skips, accumulation, resume."""
 
+import json
+import os
+import subprocess
+import sys
+
 import chex
 import flax.linen as nn
 import jax
@@ -205,3 +210,18 @@ def test_attention_layer_entry_makes_its_projections_fp8():
   ).matmul_flops_by_dtype()
   assert flops["float8_e4m3fn"] == 4 * 2 * 6 * 8 * 8
   assert flops["bfloat16"] > 0  # the attention core stays 16-bit
+
+
+def test_sharded_amax_is_the_global_max():
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "fp8_sharding_worker.py")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_CPU_ENABLE_ASYNC_DISPATCH="false", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, worker], env=env, check=False,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  np.testing.assert_array_equal(
+      out["data_parallel_4"]["Dense_1"]["output_grad_amax_history"][:3],
+      [5.0, 4.0, 3.0])
+  chex.assert_trees_all_equal(out["data_parallel_4"], out["single"])
