@@ -111,7 +111,8 @@ def check_run_arguments(parser: argparse.ArgumentParser,
                         args: argparse.Namespace) -> None:
   """parser.error for flag values `add_run_arguments`'s flags cannot take."""
   for flag, least in (("log_every", 1), ("stats_every", 0),
-                      ("max_consecutive_skips", 1), ("checkpoint_every", 1)):
+                      ("max_consecutive_skips", 1), ("checkpoint_every", 1),
+                      ("doctor_batches", 1)):
     if getattr(args, flag) < least:
       parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got "
                    f"{getattr(args, flag)}")
