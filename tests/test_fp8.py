@@ -1,4 +1,4 @@
-"""fp8 recipes and the fp8 dot_general: casts, numerics against NumPy and flax."""
+"""fp8 recipes and the fp8 dot_general: casts, numerics vs NumPy and flax."""
 
 import chex
 import jax

@@ -1,10 +1,11 @@
 """FP8 recipes and their state: saturating casts, delayed and current scaling.
 
 An fp8 matmul quantizes each operand ``x`` to an 8-bit float as
-``saturate(x * (1 / scale))`` (float32) and multiplies the result of the matmul by the
-product of the two operands' scales. ``scale`` is a *dequantization* scale
-(TE's ``scale_inv``, flax's ``scale``): the value one fp8 unit stands for,
-``amax / fp8_max`` for a tensor whose largest magnitude is ``amax``.
+``saturate(x * (1 / scale))`` (in float32) and multiplies the result of the
+matmul by the product of the two operands' scales. ``scale`` is a
+*dequantization* scale (TE's ``scale_inv``, flax's ``scale``): the value one
+fp8 unit stands for, ``amax / fp8_max`` for a tensor whose largest magnitude
+is ``amax``.
 
 Formats (`FORMATS`): ``"e4m3"`` is ``float8_e4m3fn`` (max 448, no inf: a
 plain cast of 1000 gives NaN), ``"e5m2"`` is ``float8_e5m2`` (max 57344; a
@@ -18,9 +19,9 @@ Recipes (frozen, validated, hashable configs; `mpjax.PolicyMap` entries):
   amax history of ``history_length`` float32 values (newest first) and a
   float32 scale. At every use the scale is recomputed from the history
   *before* this step's amax joins it, ``scale = a * (2**margin /
-  fp8_max)`` (the constant rounded to float32 once) with ``a = max(history)`` (``"max"``) or ``history[0]``
-  (``"most_recent"``); a zero or non-finite ``a`` keeps the previous scale.
-  Then this step's ``amax(|x|)`` is pushed in front and the oldest value
+  fp8_max)`` (the constant rounded to float32 once) with
+  ``a = max(history)`` (``"max"``) or ``history[0]`` (``"most_recent"``);
+  a zero or non-finite ``a`` keeps the previous scale. Then this step's ``amax(|x|)`` is pushed in front and the oldest value
   dropped. A non-finite amax (an overflowed gradient of a step that will be
   skipped) is not recorded: the history and the scale stay as they were.
 - `CurrentScaling` (just-in-time): the scale is ``amax / fp8_max`` of the
@@ -125,8 +126,8 @@ class DelayedScaling:
     format: ``"hybrid"`` (e4m3 forward, e5m2 gradients) or ``"e4m3"``.
 
   Examples:
-    >>> DelayedScaling(history_length=16)
-    DelayedScaling(history_length=16, margin=0, amax_reduction='max', format='hybrid')
+    >>> DelayedScaling(history_length=16).dtypes[0]
+    <class 'jax.numpy.float8_e4m3fn'>
   """
   history_length: int = 1024
   margin: int = 0
@@ -140,7 +141,8 @@ class DelayedScaling:
                        f"got {h!r}.")
     m = self.margin
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-      raise ValueError(f"DelayedScaling: margin must be an int >= 0, got {m!r}.")
+      raise ValueError("DelayedScaling: margin must be an int >= 0, got "
+                       f"{m!r}.")
     if self.amax_reduction not in _REDUCTIONS:
       raise ValueError(
           f"DelayedScaling: unknown amax_reduction {self.amax_reduction!r}; "
