@@ -24,6 +24,19 @@ import argparse
 import json
 import sys
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--targets", default="h100_sxm,b200")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,10 +111,7 @@ def audit(target, recipe, options):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--json", default=None)
-  parser.add_argument("--targets", default="h100_sxm,b200")
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   results = []
   recipes = [mpjax.DelayedScaling(), mpjax.CurrentScaling()]
   # make_train_step's default (faithful rounding), the same with cuBLASLt

@@ -68,6 +68,17 @@ def test_block_runs_alone(block, tmp_path, monkeypatch):
   run_alone(block)
 
 
+def test_ci_runs_the_readmes_test_command():
+  """.ci/run's last line is README's second set-up command, word for word."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  commands = re.findall(r"^(pip install -e .*?)\s+# ", readme, flags=re.M)
+  with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+    ci = f.read().strip().splitlines()[-1]
+  assert any("pytest" in c for c in commands), commands
+  assert ci == next(c for c in commands if "pytest" in c)
+
+
 def test_quickstart_trains_and_its_skipped_steps_halved_the_scale(
     tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
