@@ -19,6 +19,7 @@ before/after) and ``fused-attention`` (the attention layers run
 import functools
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -149,12 +150,15 @@ def measure(spec: ModelSpec, pol: PolicySpec, target: str,
 
 
 def peak_bytes(spec: ModelSpec, pol: PolicySpec, target: str,
-               variant: str) -> int:
-  """The compiled step's peak, nothing else (no dump: faster)."""
+               variant: str) -> Tuple[int, int]:
+  """The compiled step's peak and how many instructions XLA rematerialised
+  (recomputed to stay under its memory limit: ``*.remat*`` names)."""
   with pol.matmul_precision():
     step, state, batch = _step_args(spec, pol, variant)
     compiled = mpjax.compile_for_target(step, state, batch, target=target)
-  return compiled.memory_analysis().peak_memory_in_bytes
+  remat = len(re.findall(r"^\s*(?:ROOT )?%[\w.\-]*\.remat[\w.\-]* = ",
+                         compiled.as_text(), re.M))
+  return compiled.memory_analysis().peak_memory_in_bytes, remat
 
 
 def largest_batch(make_spec: Callable[[int], ModelSpec], pol: PolicySpec,
@@ -168,31 +172,33 @@ def largest_batch(make_spec: Callable[[int], ModelSpec], pol: PolicySpec,
 
   The peak is close to affine in the batch (the state is fixed, the
   activations grow with it): two compiles fit the line, a third checks the
-  predicted largest batch, then the line through the last two compiles
-  predicts again inside the bracket (largest batch that fits, smallest that
-  does not) until the two are neighbours, at most `max_compiles` compiles.
+  predicted largest batch, then each next guess steps from the last compile
+  along that slope, inside the bracket (largest batch that fits, smallest
+  that does not), until the two are neighbours, at most `max_compiles`
+  compiles. A batch XLA could only fit by rematerialising does not fit.
   """
   if budget is None:
     budget = FIT_FRACTION * mpjax.gpu_target(target).memory_bytes
   # Peaks of this very step compiled before (an earlier run's log): the
   # search starts from them; they are recorded as seeded.
   peaks: Dict[int, int] = dict(known or {})
+  remats: Dict[int, int] = {b: 0 for b in peaks}
   seeded = sorted(peaks)
 
   def peak(b):
+    """The peak, or infinity when XLA had to recompute to reach it: past
+    its memory limit XLA:GPU rematerialises (the step would fit, but
+    slower, and the peak stops growing with the batch)."""
     if b not in peaks:
       t = time.perf_counter()
-      peaks[b] = peak_bytes(make_spec(b), pol, target, variant)
-      log(f"  batch {b:4d}: peak {peaks[b] / GIB:7.2f} GiB "
-          f"({time.perf_counter() - t:5.1f} s)")
-    return peaks[b]
-
-  def line(b, c):
-    slope = (peak(c) - peak(b)) / (c - b)
-    return slope, peak(b) - slope * b
+      peaks[b], remats[b] = peak_bytes(make_spec(b), pol, target, variant)
+      log(f"  batch {b:4d}: peak {peaks[b] / GIB:7.2f} GiB, "
+          f"{remats[b]} rematerialised ({time.perf_counter() - t:5.1f} s)")
+    return peaks[b] if not remats[b] else float("inf")
 
   b0, b1 = start
-  slope, intercept = line(b0, b1)
+  slope = (peak(b1) - peak(b0)) / (b1 - b0)
+  intercept = peak(b0) - slope * b0
   guess = max(1, int((budget - intercept) // slope))
   fits, misses = [b for b in (b0, b1) if peak(b) <= budget], []
   misses = [b for b in (b0, b1) if peak(b) > budget]
@@ -202,12 +208,15 @@ def largest_batch(make_spec: Callable[[int], ModelSpec], pol: PolicySpec,
     lo, hi = max(fits, default=0), min(misses, default=None)
     if hi is not None and hi - lo <= 1:
       break
-    # Next: the line through the last two compiles, kept inside the bracket.
-    s_, i_ = line(last, b) if b != last else (slope, intercept)
-    nxt = int((budget - i_) // s_) if s_ > 0 else lo + 1
+    # Next: from the last compile along the slope of the first two (no
+    # rematerialisation there), kept inside the bracket.
+    if peak(b) == float("inf"):
+      nxt = (lo + hi) // 2
+    else:
+      nxt = b + max(1, int((budget - peak(b)) // slope))
     nxt = min(max(nxt, lo + 1), (hi - 1) if hi is not None else nxt)
-    if nxt in peaks:  # the line stalls: check the neighbour of the bracket
-      nxt = lo + 1 if (hi is None or lo + 1 not in peaks) else (lo + hi) // 2
+    if nxt in peaks:
+      nxt = (lo + hi) // 2 if hi is not None else lo + 1
       if nxt in peaks:
         break
     last, b = b, nxt
@@ -220,6 +229,8 @@ def largest_batch(make_spec: Callable[[int], ModelSpec], pol: PolicySpec,
           "slope_bytes_per_example": slope,
           "intercept_bytes": intercept, "predicted_largest_batch": guess,
           "peak_bytes_by_batch": {str(k): v for k, v in sorted(peaks.items())},
+          "rematerialised_by_batch": {str(k): v for k, v in
+                                      sorted(remats.items())},
           "compiles": len(peaks) - len(seeded), "seeded_batches": seeded}
 
 
