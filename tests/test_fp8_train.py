@@ -225,3 +225,21 @@ def test_sharded_amax_is_the_global_max():
       out["data_parallel_4"]["Dense_1"]["output_grad_amax_history"][:3],
       [5.0, 4.0, 3.0])
   chex.assert_trees_all_equal(out["data_parallel_4"], out["single"])
+
+
+def test_nnx_einsum_runs_its_einsum_in_fp8():
+  layer = nnx.Einsum("btd,dh->bth", (6, 4), (4,), rngs=nnx.Rngs(0))
+  pm = mpjax.PolicyMap("mixed_bfloat16", {nnx.Einsum: mpjax.CurrentScaling()})
+  mpjax.with_nnx_policy(layer, pm)
+  x = jnp.ones((2, 3, 6))
+  graphdef, state = nnx.split(layer)
+
+  def loss(state, x):
+    return jnp.sum(nnx.merge(graphdef, state)(x).astype(jnp.float32))
+
+  report = mpjax.audit_program(jax.value_and_grad(loss), state, x)
+  assert set(report.matmul_flops_by_dtype()) == {
+      "float8_e4m3fn", "float8_e5m2*float8_e4m3fn"}
+  np.testing.assert_allclose(nnx.merge(graphdef, state)(x),
+                             jnp.einsum("btd,dh->bth", x, layer.kernel[...])
+                             + layer.bias[...], atol=0.1)  # fp8 error
