@@ -103,7 +103,55 @@ def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
   return True if doc.startswith("Alias for field number") else skip
 
 
+# Markdown links and images, ``[text](target)`` / ``![alt](target)``.
+_LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def _repository_links(text, source_dir, doc_dir, srcdir):
+  """Links to repository files outside docs/ become file (download) links.
+
+  The pages link to benchmarks' JSON, Markdown and plots the way GitHub
+  shows them, by relative path; Sphinx knows only the pages under docs/ and
+  would call a link to ``../benchmarks/README.md`` a missing document. A
+  target that exists is rewritten relative to the page that shows it (for a
+  page or an included file), as ``path:`` (MyST's file link) unless it is an
+  image or a page of the site, and a directory is named in code; a target
+  that does not exist is left alone, so it still fails the build.
+  """
+  def rewrite(match):
+    bang, label, target = match.groups()
+    path, _, anchor = target.partition("#")
+    if not path or re.match(r"^[a-z][a-z0-9+.-]*:", path):
+      return match.group(0)  # an anchor, a URL, or already a path: link
+    resolved = os.path.normpath(os.path.join(source_dir, path))
+    if not os.path.exists(resolved):
+      return match.group(0)
+    relative = os.path.relpath(resolved, doc_dir)
+    if os.path.isdir(resolved):  # Sphinx cannot serve a directory: name it
+      return f"{label} (`{os.path.relpath(resolved, os.path.dirname(srcdir))}/`)"
+    inside = not os.path.relpath(resolved, srcdir).startswith("..")
+    if bang or (inside and resolved.endswith(".md")):
+      new = relative + ("#" + anchor if anchor else "")
+    else:
+      new = "path:" + relative
+    return f"{bang}[{label}]({new})"
+  return _LINK.sub(rewrite, text)
+
+
+def _page_links(app, docname, source):
+  doc_dir = os.path.dirname(app.env.doc2path(docname))
+  source[0] = _repository_links(source[0], doc_dir, doc_dir, app.srcdir)
+
+
+def _included_links(app, relative_path, parent_docname, content):
+  doc_dir = os.path.dirname(app.env.doc2path(parent_docname))
+  source_dir = os.path.dirname(os.path.join(app.srcdir, relative_path))
+  content[0] = _repository_links(content[0], source_dir, doc_dir, app.srcdir)
+
+
 def setup(app):
+  app.connect("source-read", _page_links)
+  app.connect("include-read", _included_links)
   app.connect("builder-inited", _check_api_reference)
   app.connect("autodoc-process-docstring", _house_docstrings)
   app.connect("autodoc-skip-member", _skip_namedtuple_aliases)

@@ -33,7 +33,7 @@ class Block(NamedTuple):
 
 def python_blocks(path: str) -> List[Block]:
   """The ```python blocks of one Markdown file, in order."""
-  blocks, heading, code, start = [], "", None, 0
+  blocks, heading, code, start, other_fence = [], "", None, 0, False
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, start=1):
       if code is not None:
@@ -44,7 +44,9 @@ def python_blocks(path: str) -> List[Block]:
           code.append(line)
       elif re.match(r"```python\s*$", line):
         code, start = [], number
-      elif line.startswith("#"):
+      elif line.startswith("```"):
+        other_fence = not other_fence  # a bash or text block: no headings
+      elif line.startswith("#") and not other_fence:
         heading = line.lstrip("#").strip()
   return blocks
 
