@@ -243,3 +243,18 @@ def test_nnx_einsum_runs_its_einsum_in_fp8():
   np.testing.assert_allclose(nnx.merge(graphdef, state)(x),
                              jnp.einsum("btd,dh->bth", x, layer.kernel[...])
                              + layer.bias[...], atol=0.1)  # fp8 error
+
+
+def test_nnx_reapplying_a_map_keeps_the_fp8_state_and_removing_it_drops_it():
+  model = NNXMLP(nnx.Rngs(0))
+  pm = mpjax.PolicyMap("mixed_bfloat16", {nnx.Linear: RECIPE})
+  mpjax.with_nnx_policy(model, pm)
+  model.l1.fp8_input_scale[...] = jnp.full((1,), 0.5)
+  mpjax.with_nnx_policy(model, mpjax.PolicyMap("mixed_bfloat16",
+                                               {nnx.Linear: RECIPE}))
+  assert float(model.l1.fp8_input_scale[...][0]) == 0.5
+  mpjax.with_nnx_policy(model, "mixed_bfloat16")
+  assert not hasattr(model.l1, "fp8_input_scale")
+  mpjax.with_nnx_policy(model, mpjax.PolicyMap(
+      "mixed_bfloat16", {nnx.Linear: mpjax.CurrentScaling()}))
+  assert not hasattr(model.l1, "fp8_input_scale")

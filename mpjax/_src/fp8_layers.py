@@ -81,7 +81,12 @@ def linen_call(module: nn.Module, recipe: fp8_lib.Recipe,
 
 def attach_state(module: nnx.Module, recipe: fp8_lib.Recipe) -> None:
   """Adds the recipe's fp8 state to an NNX layer (``fp8_input_scale``, ...)."""
-  for name, value in recipe.init_state().items():
+  init = recipe.init_state()
+  for op in fp8_lib.OPERANDS:  # a recipe without state (current scaling)
+    for suffix in ("_scale", "_amax_history"):
+      if op + suffix not in init and _NNX_PREFIX + op + suffix in vars(module):
+        delattr(module, _NNX_PREFIX + op + suffix)
+  for name, value in init.items():
     current = getattr(module, _NNX_PREFIX + name, None)
     if (isinstance(current, nnx_apply.OverwriteWithGradient) and
         current[...].shape == value.shape):

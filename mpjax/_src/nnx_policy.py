@@ -197,7 +197,6 @@ def _undo(model: nnx.Module) -> None:
     if record.original_dtype is not _UNSET:
       module.dtype = record.original_dtype
     hooks_nnx.detach(module)
-    fp8_layers.detach_state(module)
     delattr(module, _ATTR)
 
 
@@ -256,8 +255,11 @@ def with_nnx_policy(model: nnx.Module, policy: Any) -> nnx.Module:
     site_hooks = (hook,) if decision.boundary else ()
     if (decision.fp8 is not None and
         issubclass(sites[path][1][-1][1], islands.FP8_LAYERS)):
+      # Kept when the new map gives the layer the same state shapes.
       fp8_layers.attach_state(module, decision.fp8)
       site_hooks += (fp8_layers.Fp8Hook(decision.fp8),)
+    else:
+      fp8_layers.detach_state(module)
     hooks_nnx.attach(module, hooks_nnx.Site(
         sites[path][0], sites[path][1], decision, site_hooks))
     setattr(module, _ATTR, _Record(pm, original_dtype, original_attention_fn))
