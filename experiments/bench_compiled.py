@@ -76,11 +76,12 @@ def with_fused_attention(apply_fn: Callable) -> Callable:
 def variants(spec: ModelSpec, pol: PolicySpec, target: str) -> List[str]:
   """The variants of `spec` x `pol` compiled on `target`."""
   out = ["island"]
-  if spec.kind != "lm" or target != BATCH_TARGET:
+  if spec.kind != "lm":
     return out
   if pol.name in MIXED:
     out.append("fused-attention")
-  if spec.name == "gpt2-124m" and pol.name in ("float32", "mixed_bfloat16"):
+  if (spec.name == "gpt2-124m" and target == BATCH_TARGET
+      and pol.name in ("float32", "mixed_bfloat16")):
     out.append("xla-excess-precision")
   return out
 

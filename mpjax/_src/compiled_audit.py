@@ -433,9 +433,9 @@ def audit_compiled(compiled: Any, dump_dir: Optional[str] = None,
 
   A float32 buffer live at the peak is flagged in ``lost_roundings`` when
   the program is a 16-bit one (its matmuls take 16-bit operands), it is not
-  an entry parameter, and it has as many elements as some 16-bit value of
-  the program that is not shaped like a parameter: an activation the policy
-  asked to round to 16 bits, held in float32.
+  an entry parameter, and it has the element count and minor dimension of
+  some 16-bit value of the program that is not shaped like a parameter: an
+  activation the policy asked to round to 16 bits, held in float32.
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   comps, entry, by_name = _parse(text)
@@ -500,9 +500,13 @@ def audit_compiled(compiled: Any, dump_dir: Optional[str] = None,
       if fname.endswith("gpu_after_optimizations-live-range.txt"):
         with open(os.path.join(dump_dir, fname)) as f:
           buffers = _peak_buffers(f.read(), by_name)
-  params = {math.prod(shape) for i in comps.get(entry, [])
+  # An array and its bitcasts share the element count and the minor
+  # dimension ([96, 1024, 1024] scores are [8, 12, 1024, 1024]).
+  def key(shape):
+    return (math.prod(shape), shape[-1] if shape else 1)
+  params = {key(shape) for i in comps.get(entry, [])
             if i.opcode == "parameter" for _, shape in _arrays(i.type)}
-  sixteen = {math.prod(shape) for i in top for d, shape in _arrays(i.type)
+  sixteen = {key(shape) for i in top for d, shape in _arrays(i.type)
              if _dtype(d) in SIXTEEN_BIT}
   mixed = bool(matmuls) and all(m.lhs_dtype in SIXTEEN_BIT
                                 for m in matmuls)
@@ -510,7 +514,7 @@ def audit_compiled(compiled: Any, dump_dir: Optional[str] = None,
           and b.bytes >= min_lost_bytes
           and by_name.get(b.name, _Instr("", "", "parameter", (), "", "")
                           ).opcode != "parameter"
-          and math.prod(b.shape) in sixteen - params]
+          and key(b.shape) in sixteen - params]
   return CompiledAudit(target, tuple(matmuls), tuple(copies), fusions,
                        tuple(kernels), _memory(compiled) if not isinstance(
                            compiled, str) else {},
