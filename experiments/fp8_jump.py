@@ -24,6 +24,23 @@ loss stays finite and recovers; no step is skipped.
 import argparse
 import json
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=120)
+  parser.add_argument("--jump-at", type=int, default=60)
+  parser.add_argument("--metrics", default=None)
+  parser.add_argument("--threshold", type=float, default=1.5,
+                      help="an operand counts as saturated above this "
+                           "amax / (scale * fp8_max)")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,14 +77,7 @@ def overshoot(fp8_state):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=120)
-  parser.add_argument("--jump-at", type=int, default=60)
-  parser.add_argument("--metrics", default=None)
-  parser.add_argument("--threshold", type=float, default=1.5,
-                      help="an operand counts as saturated above this "
-                           "amax / (scale * fp8_max)")
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   model = MLP()
   pm = mpjax.PolicyMap("mixed_bfloat16",
                        {nn.Dense: mpjax.DelayedScaling(history_length=16)})

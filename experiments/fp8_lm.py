@@ -25,6 +25,38 @@ import os
 import sys
 import time
 
+# The keys of RECIPES below, for the flags (parsed before jax loads).
+RECIPE_NAMES = ("bfloat16", "fp8_delayed", "fp8_current")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--apis", default="linen,nnx")
+  parser.add_argument("--configs", default=",".join(RECIPE_NAMES))
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--warmup-steps", type=int, default=30)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--eval-batches", type=int, default=16)
+  parser.add_argument("--max-gap-pct", type=float, default=1.5)
+  parser.add_argument("--json", default=None)
+  parser.add_argument("--metrics", default=None)
+  args = parser.parse_args(argv)
+  for flag, value, allowed in (("--configs", args.configs, RECIPE_NAMES),
+                               ("--apis", args.apis, ("linen", "nnx"))):
+    unknown = sorted(set(value.split(",")) - set(allowed))
+    if unknown:
+      parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from "
+                   f"{', '.join(allowed)}")
+  return args
+
+
+if __name__ == "__main__":
+  # --help and flag errors are answered before jax is imported.
+  parse_args()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -116,19 +148,7 @@ def run(api, name, args, config, corpus, log):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--apis", default="linen,nnx")
-  parser.add_argument("--configs", default=",".join(RECIPES))
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--lr", type=float, default=3e-3)
-  parser.add_argument("--warmup-steps", type=int, default=30)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--eval-batches", type=int, default=16)
-  parser.add_argument("--max-gap-pct", type=float, default=1.5)
-  parser.add_argument("--json", default=None)
-  parser.add_argument("--metrics", default=None)
-  args = parser.parse_args(argv)
+  args = parse_args(argv)
   args.optimizer_precision = None  # lm_common.make_optimizer reads it
   config = lm_common.LMConfig()
   corpus = lm_data.load(2_000_000)
