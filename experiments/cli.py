@@ -156,8 +156,7 @@ def stopped_lines(rows: Iterable[Mapping[str, Any]],
            "run, the figures above are for the steps run so far."
            for r in stopped]
   if args.checkpoint_dir:
-    command = [os.path.relpath(argv[0]) if os.path.isabs(argv[0])
-               else argv[0], *argv[1:]]
+    command = list(argv)
     if "--resume" not in command:
       command.append("--resume")
     lines.append(f"Checkpointed in {args.checkpoint_dir}; resume with: "
