@@ -374,7 +374,7 @@ def run_compiled(bench: "Bench") -> None:
     values = bench_compiled.largest_batch(
         make, pol, variant, budget=(64 * 2**20 if a.quick else None),
         max_compiles=5 if a.quick else 8,
-        known={int(b): int(p) for b, p in
+        known={int(b): p for b, p in
                a.batch_known.get(f"{name}/{variant}", {}).items()})
     spec = make(values["largest_batch"] or 1)
     bench.add(spec, name, "mpjax", "largest_batch", dict(values,

@@ -182,8 +182,11 @@ def largest_batch(make_spec: Callable[[int], ModelSpec], pol: PolicySpec,
     budget = FIT_FRACTION * mpjax.gpu_target(target).memory_bytes
   # Peaks of this very step compiled before (an earlier run's log): the
   # search starts from them; they are recorded as seeded.
-  peaks: Dict[int, int] = dict(known or {})
-  remats: Dict[int, int] = {b: 0 for b in peaks}
+  # A known value is the peak, or [peak, instructions rematerialised].
+  known = {b: (v if isinstance(v, (list, tuple)) else (v, 0))
+           for b, v in (known or {}).items()}
+  peaks: Dict[int, int] = {b: int(v[0]) for b, v in known.items()}
+  remats: Dict[int, int] = {b: int(v[1]) for b, v in known.items()}
   seeded = sorted(peaks)
 
   def peak(b):
@@ -201,17 +204,20 @@ def largest_batch(make_spec: Callable[[int], ModelSpec], pol: PolicySpec,
   slope = (peak(b1) - peak(b0)) / (b1 - b0)
   intercept = peak(b0) - slope * b0
   guess = max(1, int((budget - intercept) // slope))
-  fits, misses = [b for b in (b0, b1) if peak(b) <= budget], []
-  misses = [b for b in (b0, b1) if peak(b) > budget]
+  fits = [b for b in peaks if peak(b) <= budget]
+  misses = [b for b in peaks if peak(b) > budget]
+  if guess in peaks:  # seeded past the first guess: bisect the bracket
+    lo, hi = max(fits, default=0), min(misses, default=None)
+    guess = (lo + hi) // 2 if hi is not None else lo + 1
   b, last = guess, b1
-  while len(peaks) < max_compiles:
+  while len(peaks) - len(seeded) < max_compiles:
     (fits if peak(b) <= budget else misses).append(b)
     lo, hi = max(fits, default=0), min(misses, default=None)
     if hi is not None and hi - lo <= 1:
       break
     # Next: from the last compile along the slope of the first two (no
     # rematerialisation there), kept inside the bracket.
-    if peak(b) == float("inf"):
+    if peak(b) == float("inf") or hi is not None:
       nxt = (lo + hi) // 2
     else:
       nxt = b + max(1, int((budget - peak(b)) // slope))
