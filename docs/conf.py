@@ -128,7 +128,8 @@ def _repository_links(text, source_dir, doc_dir, srcdir):
       return match.group(0)
     relative = os.path.relpath(resolved, doc_dir)
     if os.path.isdir(resolved):  # Sphinx cannot serve a directory: name it
-      return f"{label} (`{os.path.relpath(resolved, os.path.dirname(srcdir))}/`)"
+      repository = os.path.dirname(srcdir)
+      return f"{label} (`{os.path.relpath(resolved, repository)}/`)"
     inside = not os.path.relpath(resolved, srcdir).startswith("..")
     if bang or (inside and resolved.endswith(".md")):
       new = relative + ("#" + anchor if anchor else "")

@@ -12,8 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import shlex
-import sys
-from typing import Any, Iterable, List, Mapping, Optional
+from typing import Any, Iterable, List, Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +168,7 @@ def stopped_lines(rows: Iterable[Mapping[str, Any]],
 
 
 def parse_lm_args(argv: List[str], api: str) -> argparse.Namespace:
-  """experiments/lm_linen.py's and lm_nnx.py's flags (`api`: linen or nnx)."""
+  """The flags of experiments/lm_linen.py and lm_nnx.py (`api`)."""
   parser = argparse.ArgumentParser(
       description=f"Train the {api} transformer LM in float32, mixed_bfloat16 "
                   "and mixed_float16 + dynamic loss scaling.")
@@ -212,7 +211,7 @@ def parse_lm_args(argv: List[str], api: str) -> argparse.Namespace:
 
 
 def parse_resnet_args(argv: List[str], api: str) -> argparse.Namespace:
-  """experiments/resnet_linen.py's and resnet_nnx.py's flags (`api`: linen or nnx)."""
+  """The flags of experiments/resnet_linen.py and resnet_nnx.py (`api`)."""
   parser = argparse.ArgumentParser(
       description=f"Train the {api} ResNet (BatchNorm) in float32, "
                   "mixed_bfloat16 and mixed_float16 + dynamic loss scaling.")

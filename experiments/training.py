@@ -49,7 +49,7 @@ class LoopResult:
   step_times: List[float]  # per step with time_each_step, else []
   elapsed_s: float  # wall time of the timed steps (ends synchronised)
   timed_steps: int  # steps after `warmup`
-  stopped_at: Optional[int] = None  # the step --stop-after stopped at, if it did
+  stopped_at: Optional[int] = None  # where --stop-after stopped, if it did
 
 
 def doctor(args: argparse.Namespace, name: str, model: Any,

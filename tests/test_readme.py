@@ -56,7 +56,8 @@ BLOCKS = [b for page in PAGES for b in python_blocks(page)]
 
 def run_alone(block: Block) -> Dict[str, object]:
   namespace = {"__name__": "__main__"}
-  exec(compile(block.code, block.name, "exec"), namespace)  # pylint: disable=exec-used
+  code = compile(block.code, block.name, "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   return namespace
 
 
