@@ -442,3 +442,32 @@ def test_flax_fp8_ops_meta_state_is_updated_by_the_step():
                              [3.0 * float(jnp.max(jnp.abs(x))),
                               float(jnp.max(jnp.abs(x)))], rtol=1e-6)
   assert float(meta["output_grad_amax_history"][0]) > 0.0
+
+
+def test_overwrite_with_gradient_state_of_a_layer_that_did_not_run_is_kept():
+  class TwoHeads(nn.Module):
+    @nn.compact
+    def __call__(self, x, head: int):
+      amaxes = [self.variable(mpjax.OVERWRITE_WITH_GRADIENT, f"amax_{i}",
+                              lambda i=i: jnp.full([], 7.0 * i, jnp.float32))
+                for i in range(2)]
+      return _record_grad_amax(nn.Dense(CLASSES, name=f"head_{head}")(x),
+                               amaxes[head].value)
+
+  model = TwoHeads()
+  x = batch()["x"]
+  variables = model.init(jax.random.key(0), x, 0)
+  variables["params"].update(
+      model.init(jax.random.key(1), x, 1)["params"])
+  state = mpjax.TrainState.create(
+      apply_fn=model.apply, params=variables["params"],
+      model_state={mpjax.OVERWRITE_WITH_GRADIENT:
+                   variables[mpjax.OVERWRITE_WITH_GRADIENT]},
+      tx=mpjax.loss_scaled(optax.sgd(0.1), mpjax.NoScaling()),
+      policy="float32")
+  loss = lambda p, b, apply_fn, rng: optax.softmax_cross_entropy_with_integer_labels(
+      apply_fn({"params": p}, b["x"], 0), b["y"]).mean()
+  state, _ = mpjax.make_train_step(loss)(state, batch(0))
+  meta = state.model_state[mpjax.OVERWRITE_WITH_GRADIENT]
+  assert float(meta["amax_0"]) > 0.0  # ran: max(0, |g|)
+  assert float(meta["amax_1"]) == 7.0  # did not run: kept, not zeroed

@@ -15,7 +15,10 @@ the step differentiates the loss with respect to it as well as the params,
 and its gradient becomes its new value. That is how a custom VJP's backward
 pass hands out state it computed (fp8 amax histories and scales of the
 output gradients): the optimizer never sees it, so gradient accumulation
-neither sums nor averages it, and it is never unscaled.
+neither sums nor averages it, and it is never unscaled. A leaf whose
+gradient is all zeros keeps its value: jax gives a variable the forward pass
+did not read (an fp8 layer that did not run this step) a zero gradient, and
+an fp8 scale or amax history of zeros is never an update.
 """
 
 from typing import Any, Callable, Mapping, Optional
@@ -29,6 +32,14 @@ OVERWRITE_WITH_GRADIENT = "_overwrite_with_gradient"
 def gradient_collection(model_state: Optional[Mapping[str, Any]]) -> Any:
   """The ``"_overwrite_with_gradient"`` collection of `model_state`, or None."""
   return (model_state or {}).get(OVERWRITE_WITH_GRADIENT)
+
+
+def unless_unused(gradient: Any, old: Any) -> Any:
+  """`gradient`, leaf by leaf, except where it is all zeros: `old` there."""
+  if gradient is None:
+    return None
+  return jax.tree.map(lambda g, o: jnp.where(jnp.any(g != 0), g, o),
+                      gradient, old)
 
 
 def with_gradient_collection(model_state: Mapping[str, Any],

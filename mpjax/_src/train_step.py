@@ -160,7 +160,9 @@ def make_train_step(loss_fn: LossFn, *, has_aux: bool = False,
     if written is not None:
       # The collection's gradient is its new value (flax's convention).
       written = model_state_lib.conform(
-          model_state_lib.with_gradient_collection(written, gradient_written),
+          model_state_lib.with_gradient_collection(
+              written, model_state_lib.unless_unused(gradient_written,
+                                                     gradient_state)),
           state.model_state)
     new_state = state.apply_gradients(grads=grads)
     unscaled = loss_scaled_lib.unscale_gradients(grads, scale)
