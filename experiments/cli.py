@@ -125,6 +125,10 @@ def check_run_arguments(parser: argparse.ArgumentParser,
     parser.error(f"--stop-after must be >= 1, got {args.stop_after}")
 
 
+# Import name -> pip name, where they differ.
+_PIP_NAMES = {"sklearn": "scikit-learn"}
+
+
 def require_module(parser: argparse.ArgumentParser, module: str, flag: str,
                    extra: str) -> None:
   """parser.error, with the install line, when `flag` needs a missing module.
@@ -133,8 +137,9 @@ def require_module(parser: argparse.ArgumentParser, module: str, flag: str,
   then fails at its last line.
   """
   if importlib.util.find_spec(module) is None:
-    parser.error(f"{flag} needs {module}, which is not installed: "
-                 f"pip install -e '.[{extra}]' (or pip install {module})")
+    package = _PIP_NAMES.get(module, module)
+    parser.error(f"{flag} needs {package}, which is not installed: "
+                 f"pip install -e '.[{extra}]' (or pip install {package})")
 
 
 def stopped_lines(rows: Iterable[Mapping[str, Any]],

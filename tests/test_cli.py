@@ -95,6 +95,16 @@ def test_plot_without_matplotlib_fails_at_once_with_the_install_line(
   assert run_parser([]).plot is None  # without --plot, nothing is required
 
 
+def test_a_missing_package_is_named_by_its_pip_name(monkeypatch, capsys):
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+  with pytest.raises(SystemExit):
+    cli.require_module(argparse.ArgumentParser(prog="x"), "sklearn",
+                       "the bundled digits", "experiments")
+  assert ("the bundled digits needs scikit-learn, which is not installed: "
+          "pip install -e '.[experiments]' (or pip install scikit-learn)"
+          in capsys.readouterr().err)
+
+
 def test_stopped_lines_say_where_and_how_to_resume():
   args = run_parser(["--stop-after", "3", "--checkpoint-dir", "ckpt"])
   rows = [{"config": "float32", "stopped_at_step": 3, "steps": 100},
