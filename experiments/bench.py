@@ -373,7 +373,7 @@ def run_compiled(bench: "Bench") -> None:
     print(what, flush=True)
     values = bench_compiled.largest_batch(
         make, pol, variant, budget=(64 * 2**20 if a.quick else None),
-        max_compiles=5 if a.quick else 8,
+        max_compiles=3 if a.quick else 8,
         known={int(b): p for b, p in
                a.batch_known.get(f"{name}/{variant}", {}).items()})
     spec = make(values["largest_batch"] or 1)

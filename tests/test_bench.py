@@ -24,11 +24,11 @@ RECORD_KEYS = {"model", "policy", "framework", "measurement", "shape",
                "values", "device", "versions", "date", "command"}
 
 
-def run_bench(out_dir, *flags):
+def run_bench(out_dir, *flags, timeout=300):
   env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, BENCH, *flags, "--out", str(out_dir)], cwd=ROOT,
-      env=env, capture_output=True, text=True, timeout=300, check=False)
+      env=env, capture_output=True, text=True, timeout=timeout, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(os.path.join(out_dir, "results.json")) as f:
     return json.load(f), proc.stdout
@@ -198,7 +198,7 @@ def compiled_quick(tmp_path_factory):
   result, stdout = run_bench(
       out, "--suite", "gpu-compiled", "--quick", "--models", "gpt2-124m",
       "--policies", "float32", "mixed_bfloat16", "--targets", "h100_sxm",
-      "--variants", "island", "fused-attention")
+      "--variants", "island", "fused-attention", timeout=900)
   return result, stdout, out
 
 
