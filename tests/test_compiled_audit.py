@@ -124,3 +124,15 @@ def test_highest_precision_float32_matmul_is_marked():
   assert report.matmuls and all(m.highest for m in report.matmuls)
   assert report.matmuls[0].lhs_dtype == "float32"
   assert report.peak_buffers == ()  # no dump: no live-range section
+
+
+def test_cudnn_convolutions_are_counted_with_the_lowered_programs_flops():
+  spec = bench_models.quick(bench_models.cpu_models()["cnn"])
+  pol = next(p for p in bench_models.POLICIES if p.name == "mixed_bfloat16")
+  state, batch, _, _ = bench_models.build(spec, pol)
+  step = mpjax.make_train_step(spec.loss_fn)
+  report = mpjax.audit_compiled(mpjax.compile_for_target(step, state, batch))
+  assert report.implementations().get("cuDNN convolution", 0) >= 3
+  assert report.matmul_share("bfloat16") == 1.0
+  assert report.matmul_flops == mpjax.audit_program(step, state,
+                                                    batch).matmul_flops

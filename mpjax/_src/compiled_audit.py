@@ -357,6 +357,34 @@ def _gemm_config_dot(instr: _Instr, by_name) -> Optional[tuple]:
   return _dtype(ld), _dtype(rd), _dtype(od), 2 * math.prod(oshape) * k, highest
 
 
+def _conv_info(instr: _Instr, by_name) -> Optional[tuple]:
+  """A cuDNN convolution custom call's (lhs, rhs, out dtype, flops, False).
+
+  FLOPs = 2 x elements of the forward output x (kernel elements / output
+  features), the same for the forward, backward-input and backward-filter
+  kernels (each computes one of the three products).
+  """
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+  target = _attr(instr.attrs, "custom_call_target") or ""
+  operands = [by_name.get(o) for o in instr.operands[:2]]
+  if not labels or None in operands:
+    return None
+  (ld, lshape), (rd, rshape) = (_arrays(o.type)[0] for o in operands)
+  (od, oshape) = _arrays(instr.type)[0]
+  _, kernel_labels, _ = labels.groups()
+  if "BackwardFilter" in target:    # (input, grad out) -> grad kernel
+    kernel, out = oshape, rshape
+  elif "BackwardInput" in target:   # (grad out, kernel) -> grad input
+    kernel, out = rshape, lshape
+  else:                             # (input, kernel) -> output
+    kernel, out = rshape, oshape
+  if len(kernel) != len(kernel_labels) or "o" not in kernel_labels:
+    return None
+  per_output = math.prod(kernel) // kernel[kernel_labels.index("o")]
+  return (_dtype(ld), _dtype(rd), _dtype(od),
+          2 * math.prod(out) * per_output, False)
+
+
 def _source(name: str, by_name) -> str:
   """The entry parameter a value is (through bitcasts and tuple
   elements), or ``"intermediate"``."""
@@ -460,6 +488,9 @@ def audit_compiled(compiled: Any, dump_dir: Optional[str] = None,
     impl = _implementation(instr)
     if instr.opcode == "custom-call" and impl and impl.startswith("cuBLAS"):
       info = _gemm_config_dot(instr, by_name)
+      infos = [info] if info else []
+    elif instr.opcode == "custom-call" and impl == "cuDNN convolution":
+      info = _conv_info(instr, by_name)
       infos = [info] if info else []
     else:
       infos = [_dot_info(i, by_name) for i in _called(
