@@ -443,8 +443,13 @@ def plots(result: Dict[str, Any], out_dir: str) -> List[str]:
       x = r["values"]
       bs = [int(b) for b in x["peak_bytes_by_batch"]]
       ps = [p / GIB for p in x["peak_bytes_by_batch"].values()]
-      line = ax.plot(bs, ps, "o", label=f"{r['policy']} ({x['variant']}): "
+      remat = x.get("rematerialised_by_batch", {})
+      fit = [(b, p) for b, p in zip(bs, ps) if not remat.get(str(b))]
+      line = ax.plot(*zip(*fit), "o", label=f"{r['policy']} ({x['variant']}): "
                      f"batch {x['largest_batch']}")[0]
+      over = [(b, p) for b, p in zip(bs, ps) if remat.get(str(b))]
+      if over:
+        ax.plot(*zip(*over), "x", color=line.get_color())
       grid = np.linspace(0, max(bs) * 1.1, 50)
       ax.plot(grid, (x["intercept_bytes"] + x["slope_bytes_per_example"] *
                      grid) / GIB, "-", color=line.get_color(), alpha=0.4)
@@ -456,7 +461,7 @@ def plots(result: Dict[str, Any], out_dir: str) -> List[str]:
     ax.set_xlabel("batch (sequences of 1024 tokens)")
     ax.set_ylabel("compiled peak (GiB)")
     ax.set_title("GPT-2 124M train step on an H100 target (compiled, no "
-                 "device)")
+                 "device); x: XLA rematerialised")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, "batch_fit.png")
