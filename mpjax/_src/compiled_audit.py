@@ -381,8 +381,9 @@ def _conv_info(instr: _Instr, by_name) -> Optional[tuple]:
   if len(kernel) != len(kernel_labels) or "o" not in kernel_labels:
     return None
   per_output = math.prod(kernel) // kernel[kernel_labels.index("o")]
+  highest = "operand_precision={highest" in instr.attrs
   return (_dtype(ld), _dtype(rd), _dtype(od),
-          2 * math.prod(out) * per_output, False)
+          2 * math.prod(out) * per_output, highest)
 
 
 def _source(name: str, by_name) -> str:
