@@ -140,7 +140,7 @@ def with_policy(apply_fn: Callable, policy: PolicyLike) -> Callable:
     A function with the signature of `apply_fn`.
 
   Examples:
-    >>> import jax.numpy as jnp, flax.linen as nn, mpjax
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, mpjax
     >>> model = nn.Dense(2)
     >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
     >>> apply = mpjax.with_policy(model.apply, "mixed_bfloat16")
