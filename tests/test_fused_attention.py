@@ -45,3 +45,20 @@ def test_on_an_h100_a_16_bit_attention_is_one_cudnn_kernel_and_small():
 def test_float32_attention_stays_the_island_on_an_h100():
   report = _training_program(jnp.float32, mpjax.fused_dot_product_attention)
   assert "cuDNN fused attention" not in report.implementations()
+
+
+def test_policy_map_attention_island_is_fused_on_an_h100_by_default():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+      return nn.MultiHeadDotProductAttention(num_heads=4)(x, mask=mask)
+
+  model = Block()
+  x = jnp.ones((2, 256, 256), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  apply = mpjax.with_policy(model.apply, mpjax.PolicyMap("mixed_bfloat16"))
+  grad = jax.grad(lambda p, x: apply({"params": p}, x).sum())
+  report = mpjax.audit_compiled(mpjax.compile_for_target(grad, params, x,
+                                                         target="h100"))
+  assert report.implementations().get("cuDNN fused attention") == 2

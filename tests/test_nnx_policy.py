@@ -133,7 +133,7 @@ def test_class_and_state_paths_are_unchanged_and_a_new_map_replaces_the_old():
   with_nnx_policy(model, "float32")
   assert model.block.fc(jnp.ones((1, 8), F16)).dtype == F32
   assert model.embed.dtype == F32
-  assert model.block.attn.attention_fn is numerics.dot_product_attention
+  assert model.block.attn.attention_fn is mpjax.fused_dot_product_attention
   with_nnx_policy(model, PolicyMap("float32", islands=False))
   assert model.block.attn.attention_fn is nnx.dot_product_attention
   assert type(model.block.fc) is nnx.Linear  # not a boundary any more

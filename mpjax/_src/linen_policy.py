@@ -8,7 +8,8 @@ path); a shape-only trace (``jax.eval_shape``, with the hooks around the call
 suspended) first finds which module class sits at which path. During the
 real call `policy_hook` casts the inputs and outputs of every boundary module
 and, in attention layers that use flax's default attention function, swaps
-in `mpjax.numerics.dot_product_attention` for the duration of the call
+in `islands.ATTENTION_ISLAND_FN` (the float32 island, cuDNN-fused on CUDA)
+for the duration of the call
 (flax reads ``self.attention_fn`` inside ``__call__``; the hook is the only
 seam that reaches it without rebuilding the module). The same hook runs
 float32-island LayerNorms and RMSNorms as `mpjax.numerics.layer_norm`/
@@ -36,7 +37,6 @@ from mpjax._src import fp8_layers
 from mpjax._src import hooks
 from mpjax._src import hooks_linen
 from mpjax._src import islands
-from mpjax._src import numerics
 from mpjax._src import policy_map as policy_map_lib
 
 Records = Dict[Tuple[str, ...], policy_map_lib.ModulePolicy]
@@ -96,8 +96,7 @@ def policy_hook(pm: policy_map_lib.PolicyMap,
     swap = (resolved.attention_island and
             islands.is_flax_attention_fn(original))
     if swap:
-      object.__setattr__(module, "attention_fn",
-                         numerics.dot_product_attention)
+      object.__setattr__(module, "attention_fn", islands.ATTENTION_ISLAND_FN)
     try:
       out = next_fun(*args, **kwargs)
     finally:

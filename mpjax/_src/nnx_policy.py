@@ -22,7 +22,7 @@ One call prepares a model in place (NNX's own style, like ``model.eval()``):
   explicit ``dtype=`` wins there), an explicit ``dtype=`` is overridden; the
   original comes back when another map is applied;
 - attention layers that use flax's default attention function get
-  `mpjax.numerics.dot_product_attention` (float32 logits and softmax).
+  `islands.ATTENTION_ISLAND_FN` (float32 logits and softmax; cuDNN-fused on CUDA).
 
 During the outermost boundary call, each `nnx.Param` reads as a cast copy in
 the compute dtype of the module that owns it; the float32 masters are put
@@ -47,7 +47,6 @@ from mpjax._src import fp8_layers
 from mpjax._src import hooks
 from mpjax._src import hooks_nnx
 from mpjax._src import islands
-from mpjax._src import numerics
 from mpjax._src import policy_map as policy_map_lib
 
 _ATTR = "_mpjax_policy"
@@ -249,7 +248,7 @@ def with_nnx_policy(model: nnx.Module, policy: Any) -> nnx.Module:
     if (decision.attention_island and
         islands.is_flax_attention_fn(attention_fn)):
       original_attention_fn = attention_fn
-      module.attention_fn = numerics.dot_product_attention
+      module.attention_fn = islands.ATTENTION_ISLAND_FN
     # Only a boundary runs the policy's hook (and changes class); an fp8
     # layer runs its fp8 hook inside it.
     site_hooks = (hook,) if decision.boundary else ()

@@ -36,7 +36,8 @@ How a module's policy is decided (first rule that applies):
    compute in the inherited compute dtype and return it, so a float32 island
    upstream never drags them to float32; attention layers (`ATTENTION_LAYERS`)
    that use flax's default attention function get
-   `mpjax.numerics.dot_product_attention` (float32 logits and softmax).
+   `mpjax.fused_dot_product_attention` (float32 logits and softmax; cuDNN's
+   fused kernel when compiled for CUDA).
    Entries of the user always beat the islands.
 4. **Inheritance.** A module no rule names is not a boundary: it computes in
    the dtype of its nearest ancestor that has a policy (the root's is the
@@ -106,7 +107,7 @@ class ModulePolicy(NamedTuple):
       ``"class LayerNorm"``, ``"float32 island"``, ``"low-precision layer"``
       or ``"inherited"``.
     attention_island: replace flax's default attention function with
-      `mpjax.numerics.dot_product_attention` in this module.
+      `mpjax.fused_dot_product_attention` in this module.
     matched: the entry keys that matched this module (won or not), for
       ``strict=True``.
     fp8: the fp8 recipe of this module's matmuls (fp8 layers) or of the
