@@ -64,7 +64,10 @@ SUITE_PEER_MODELS = {"cpu": ("mlp", "cnn", "gpt"), "gpu": ("gpt2-124m",),
                      "gpu-compiled": ()}
 # Audited, traced and projected from shapes alone, never run.
 SUITE_AUDIT_ONLY = {"cpu": ("gpt2-124m",), "gpu": (), "gpu-compiled": ()}
-MODELS = ("mlp", "cnn", "gpt", "gpt2-124m", "flax-lm")
+# Models the peers have a version of; "resnet" (BatchNorm statistics in the
+# model state) is mpjax-only and runs when named with --models.
+PEER_MODELS = ("mlp", "cnn", "gpt", "gpt2-124m", "flax-lm")
+MODELS = PEER_MODELS + ("resnet",)
 # bench_compiled.TARGETS and the names of bench_models.POLICIES, for the
 # flags (parsed before jax is imported).
 TARGETS = ("h100_sxm", "b200")
@@ -114,7 +117,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
   parser.add_argument("--peers", nargs="*", choices=bench_peers.PEERS,
                       default=list(bench_peers.PEERS),
                       help="peer frameworks (none: --peers with no value)")
-  parser.add_argument("--peer-models", nargs="*", choices=MODELS,
+  parser.add_argument("--peer-models", nargs="*", choices=PEER_MODELS,
                       help="models the peers run (default: the suite's)")
   parser.add_argument("--peer-policies", nargs="+",
                       choices=bench_peers.PEER_POLICIES,

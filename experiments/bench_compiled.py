@@ -9,11 +9,12 @@ projection, not a measurement. For GPT-2 124M on the H100 target, the
 largest batch whose step fits in memory, per policy (compile-only search).
 
 Variants of a language-model step (``variant`` in the records):
-``island`` (mpjax's default: the float32 attention island, faithful
-rounding), ``xla-excess-precision`` (XLA's own default options, for the
-before/after) and ``fused-attention`` (the attention layers run
-`mpjax.fused_dot_product_attention`, cuDNN's flash attention on CUDA for
-16-bit steps; needs cuDNN installed, else skipped with a line saying so).
+``island`` (the unfused float32 attention island, faithful rounding: what
+mpjax's default runs without cuDNN), ``xla-excess-precision`` (XLA's own
+default options, for the before/after) and ``fused-attention`` (the
+attention layers run `mpjax.fused_dot_product_attention`, cuDNN's flash
+attention on CUDA for 16-bit steps: mpjax's default island on CUDA since
+2026-12-02; needs cuDNN installed, else skipped with a line saying so).
 """
 
 import functools
@@ -45,11 +46,12 @@ MIXED = ("mixed_bfloat16", "mixed_float16", "float16_static")
 GIB = 2.0**30
 
 
-def with_fused_attention(apply_fn: Callable) -> Callable:
+def with_attention_fn(apply_fn: Callable, attention_fn: Callable) -> Callable:
   """`apply_fn` with every flax attention layer that uses flax's default
-  attention function (or mpjax's island) running
-  `mpjax.fused_dot_product_attention` instead."""
-  swapped = (nn.dot_product_attention, mpjax.numerics.dot_product_attention)
+  attention function or one of mpjax's (the island, the fused island)
+  running `attention_fn` instead."""
+  swapped = (nn.dot_product_attention, mpjax.numerics.dot_product_attention,
+             mpjax.fused_dot_product_attention)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -57,8 +59,7 @@ def with_fused_attention(apply_fn: Callable) -> Callable:
         and isinstance(module, nn.MultiHeadDotProductAttention)
         and module.attention_fn in swapped):
       old = module.attention_fn
-      object.__setattr__(module, "attention_fn",
-                         mpjax.fused_dot_product_attention)
+      object.__setattr__(module, "attention_fn", attention_fn)
       try:
         return next_fun(*args, **kwargs)
       finally:
@@ -71,6 +72,16 @@ def with_fused_attention(apply_fn: Callable) -> Callable:
       return apply_fn(*args, **kwargs)
 
   return apply
+
+
+# The variants' attention: ``island`` pins the unfused float32 island (what
+# PolicyMap's island runs without cuDNN), ``fused-attention`` the cuDNN-fused
+# one (PolicyMap's default on CUDA since the island became
+# `mpjax.fused_dot_product_attention`).
+VARIANT_ATTENTION = {
+    "island": mpjax.numerics.dot_product_attention,
+    "fused-attention": mpjax.fused_dot_product_attention,
+}
 
 
 def variants(spec: ModelSpec, pol: PolicySpec, target: str) -> List[str]:
@@ -88,8 +99,9 @@ def variants(spec: ModelSpec, pol: PolicySpec, target: str) -> List[str]:
 
 def _step_args(spec: ModelSpec, pol: PolicySpec, variant: str):
   state, batch, _, _ = bench_models.build(spec, pol, abstract=True)
-  if variant == "fused-attention":
-    state = state.replace(apply_fn=with_fused_attention(state.apply_fn))
+  if variant in VARIANT_ATTENTION:
+    state = state.replace(apply_fn=with_attention_fn(
+        state.apply_fn, VARIANT_ATTENTION[variant]))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        batch)
   options = XLA_DEFAULTS if variant == "xla-excess-precision" else None
