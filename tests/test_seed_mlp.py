@@ -177,3 +177,11 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
   chex.assert_trees_all_equal(states[0], states[1])
   full = json.loads((tmp_path / "full.json").read_text())["rows"][0]
   assert full["test_accuracy"] == row["test_accuracy"]
+
+
+@pytest.mark.parametrize("points, text", [
+    (0.0, "equal to float32's"), (-0.001, "equal to float32's"),
+    (0.45, "0.45 points below float32"), (-0.22, "0.22 points above float32"),
+])
+def test_verdict_never_says_plus_zero_points_below(points, text):
+  assert seed_mlp.accuracy_gap(points) == text

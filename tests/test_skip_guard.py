@@ -156,3 +156,19 @@ def test_guard_update_needs_skip_or_loss_information():
     skip_guard.SkipGuard().update({"loss_scale": 1.0})
   with pytest.raises(ValueError, match="scalar"):
     skip_guard.SkipGuard().update({"loss": np.ones(3)})
+
+
+def test_messages_say_no_step_and_no_named_layers_when_they_have_none():
+  guard = skip_guard.SkipGuard(max_consecutive_skips=2)
+  with pytest.raises(skip_guard.NonFiniteTrainingError) as info:
+    for _ in range(2):
+      guard.update({"loss": 1.0, "loss_scale": 1.0, "grads_finite": False})
+  message = str(info.value)
+  assert "2 consecutive steps were skipped" in message
+  assert "step ?" not in message and "at step" not in message
+  assert "the layers named above" not in message
+  assert "attribution=True" in message  # says how to get them named
+  with pytest.raises(skip_guard.NonFiniteTrainingError) as info:
+    skip_guard.SkipGuard(max_consecutive_skips=1).update(
+        {"loss": 1.0, "loss_scale": 1.0, "grads_finite": False}, step=7)
+  assert "at step 7" in str(info.value)
