@@ -62,3 +62,18 @@ def test_policy_map_attention_island_is_fused_on_an_h100_by_default():
   report = mpjax.audit_compiled(mpjax.compile_for_target(grad, params, x,
                                                          target="h100"))
   assert report.implementations().get("cuDNN fused attention") == 2
+
+
+def test_an_older_local_gpu_keeps_the_unfused_island(monkeypatch):
+  class FakeV100:
+    compute_capability = "7.0"
+
+  from mpjax._src import fused_attention  # pylint: disable=g-import-not-at-top
+  fused_attention.local_gpus_run_flash_attention.cache_clear()
+  monkeypatch.setattr(jax, "devices", lambda *a: [FakeV100()])
+  try:
+    assert not fused_attention.local_gpus_run_flash_attention()
+  finally:
+    fused_attention.local_gpus_run_flash_attention.cache_clear()
+  monkeypatch.undo()
+  assert fused_attention.local_gpus_run_flash_attention()  # this CPU machine

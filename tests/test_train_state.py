@@ -471,3 +471,13 @@ def test_overwrite_with_gradient_state_of_a_layer_that_did_not_run_is_kept():
   meta = state.model_state[mpjax.OVERWRITE_WITH_GRADIENT]
   assert float(meta["amax_0"]) > 0.0  # ran: max(0, |g|)
   assert float(meta["amax_1"]) == 7.0  # did not run: kept, not zeroed
+
+
+def test_apply_fn_inside_a_jax_transformation_gets_a_clear_error():
+  state = linen_state()
+
+  def loss(params, b, apply_fn, rng):
+    return jax.checkpoint(lambda p: linen_loss(p, b, apply_fn, rng))(params)
+
+  with pytest.raises(ValueError, match="inside a jax transformation"):
+    mpjax.make_train_step(loss)(state, batch(0))

@@ -51,6 +51,23 @@ def cudnn_available() -> bool:
   return ctypes.util.find_library("cudnn") is not None
 
 
+@functools.lru_cache(maxsize=None)
+def local_gpus_run_flash_attention() -> bool:
+  """False when this machine has an NVIDIA GPU older than Ampere (sm_80),
+  which cuDNN's flash attention does not support (V100, T4); True otherwise,
+  including machines without a GPU that compile for a target
+  (`mpjax.compile_for_target`'s targets are all sm_80 or newer)."""
+  try:
+    gpus = jax.devices("cuda")
+  except RuntimeError:
+    return True
+  for device in gpus:
+    capability = getattr(device, "compute_capability", None)
+    if capability is not None and float(capability) < 8.0:
+      return False
+  return True
+
+
 def _fusable(query, key, value, dtype, dropout_rate, deterministic,
              module) -> bool:
   if jnp.dtype(dtype) not in _SIXTEEN_BIT or module is not None:
@@ -62,7 +79,7 @@ def _fusable(query, key, value, dtype, dropout_rate, deterministic,
   depth = query.shape[-1]
   if depth % 8 or depth > 128 or query.shape[-2] % key.shape[-2]:
     return False
-  return cudnn_available()
+  return cudnn_available() and local_gpus_run_flash_attention()
 
 
 def fused_dot_product_attention(query: jax.Array, key: jax.Array,

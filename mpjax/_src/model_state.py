@@ -24,6 +24,7 @@ an fp8 scale or amax history of zeros is never an update.
 from typing import Any, Callable, Mapping, Optional
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 OVERWRITE_WITH_GRADIENT = "_overwrite_with_gradient"
@@ -73,6 +74,7 @@ class ModelStateThread:
   def __init__(self, apply_fn: Callable, model_state: Mapping[str, Any]):
     self._apply_fn = apply_fn
     self.updated = dict(model_state)
+    self._trace = jax.extend.core.get_opaque_trace_state(convention="nnx")
 
   def __call__(self, variables: Mapping[str, Any], *args,
                mutable: Any = False, **kwargs) -> Any:
@@ -88,12 +90,35 @@ class ModelStateThread:
         variables, *args,
         mutable=True if asked is True else sorted(set(names) | set(asked)),
         **kwargs)
-    self.updated.update({k: v for k, v in written.items() if k in names})
+    written_state = {k: v for k, v in written.items() if k in names}
+    self._check_not_escaping(written_state)
+    self.updated.update(written_state)
     if asked is True:
       return out, written
     if asked:
       return out, {k: v for k, v in written.items() if k in asked}
     return out
+
+
+  def _check_not_escaping(self, written: Mapping[str, Any]) -> None:
+    """Raises if this call runs inside a jax transformation of ``loss_fn``
+    (jax.checkpoint, lax.scan, vmap) and wrote state there: its values could
+    not leave that transformation (jax would fail later, naming nothing)."""
+    if jax.extend.core.get_opaque_trace_state(convention="nnx") == self._trace:
+      return
+    for name, tree in written.items():
+      old = jax.tree.leaves(self.updated[name])
+      new = jax.tree.leaves(tree)
+      if len(old) != len(new) or any(
+          a is not b and isinstance(a, jax.core.Tracer)
+          for a, b in zip(new, old)):
+        raise ValueError(
+            "make_train_step: loss_fn called apply_fn inside a jax "
+            "transformation (jax.checkpoint, lax.scan, jax.vmap, ...) and the "
+            f"model wrote its {name!r} collection there; model state written "
+            "inside a transformation cannot leave it. Transform the module "
+            "instead (nn.remat / nn.scan / nnx.remat), or call apply_fn "
+            "outside the transformation.")
 
 
 def _describe(tree: Any) -> str:
