@@ -8,8 +8,6 @@ trains it with `mpjax.TrainState`, `mpjax.make_train_step` and
 
 import argparse
 import dataclasses
-import json
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -252,13 +250,9 @@ def main(argv: List[str], api: str, build: Build,
              **corpus.describe(),
              **{k: v for k, v in vars(args).items() if k not in ("json",)})
   runs = [r for r in CONFIGS if r.name in args.configs]
-  if args.metrics:
-    with mpjax.MetricsWriter(args.metrics) as log:
-      rows = [run_config(r, build, config, corpus, args, log, doctor_model)
-              for r in runs]
-  else:
-    rows = [run_config(r, build, config, corpus, args,
-                       doctor_model=doctor_model) for r in runs]
+  rows = training.run_configs(
+      lambda r, log: run_config(r, build, config, corpus, args, log,
+                                doctor_model), runs, args)
   reference = next((r for r in rows if r["config"] == "float32"), None)
   for row in rows:
     row["val_gap_pct"] = (None if reference is None else
@@ -274,16 +268,7 @@ def main(argv: List[str], api: str, build: Build,
   failed = gap_failures(rows, args.max_gap_pct)
   result = {"environment": env, "rows": rows,
             "within_gap": not failed, "max_gap_pct": args.max_gap_pct}
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
-  if args.metrics:
-    print(f"wrote {args.metrics}")
-  training.plot(args, title=f"{api} transformer LM")
-  for line in cli.stopped_lines(rows, args, argv):
-    print(line)
+  training.finish(result, rows, args, argv, title=f"{api} transformer LM")
   if failed:
     raise SystemExit(f"{', '.join(failed)}: validation loss more than "
                      f"{args.max_gap_pct}% away from float32's.")

@@ -10,8 +10,6 @@ synthetic images, evaluates with the running averages, and prints one table.
 
 import argparse
 import dataclasses
-import json
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -243,11 +241,8 @@ def main(argv: List[str], api: Api) -> Dict[str, Any]:
   env.update(api=api.name, model_config=dataclasses.asdict(config),
              **data.describe())
   runs = [r for r in CONFIGS if r.name in args.configs]
-  if args.metrics:
-    with mpjax.MetricsWriter(args.metrics) as log:
-      rows = [run_config(r, api, config, data, args, log) for r in runs]
-  else:
-    rows = [run_config(r, api, config, data, args) for r in runs]
+  rows = training.run_configs(
+      lambda r, log: run_config(r, api, config, data, args, log), runs, args)
   reference = next((r for r in rows if r["config"] == "float32"), None)
   for row in rows:
     row["eval_gap_points"] = (
@@ -266,16 +261,7 @@ def main(argv: List[str], api: Api) -> Dict[str, Any]:
   failed = gap_failures(rows, args.max_gap_points)
   result = {"environment": env, "rows": rows,
             "within_gap": not failed, "max_gap_points": args.max_gap_points}
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
-  if args.metrics:
-    print(f"wrote {args.metrics}")
-  training.plot(args, title=f"{api.name} ResNet")
-  for line in cli.stopped_lines(rows, args, argv):
-    print(line)
+  training.finish(result, rows, args, argv, title=f"{api.name} ResNet")
   if failed:
     raise SystemExit(f"{', '.join(failed)}: eval accuracy more than "
                      f"{args.max_gap_points} points away from float32's.")

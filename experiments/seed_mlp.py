@@ -26,7 +26,6 @@ The table is also written as JSON (--json, default runs/seed_mlp.json).
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -254,11 +253,8 @@ def main(argv: List[str]) -> dict:
              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
              seed=args.seed)
   configs = [c for c in CONFIGS if c.name in args.configs]
-  if args.metrics:
-    with mpjax.MetricsWriter(args.metrics) as log:
-      rows = [run_config(c, split, args, log) for c in configs]
-  else:
-    rows = [run_config(c, split, args) for c in configs]
+  rows = training.run_configs(
+      lambda c, log: run_config(c, split, args, log), configs, args)
   result = {"environment": env, "rows": rows}
 
   print(f"seed MLP on {split.name} ({len(split.x_train)} train / "
@@ -275,16 +271,7 @@ def main(argv: List[str]) -> dict:
     for name, gap in gaps.items():
       print(f"{name}: test accuracy {accuracy_gap(gap)} "
             f"({'within' if gap <= 1.0 else 'NOT within'} 1.0 point)")
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
-  if args.metrics:
-    print(f"wrote {args.metrics}")
-  training.plot(args, title=f"seed MLP on {split.name}")
-  for line in cli.stopped_lines(rows, args, argv):
-    print(line)
+  training.finish(result, rows, args, argv, title=f"seed MLP on {split.name}")
   return result
 
 

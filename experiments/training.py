@@ -8,6 +8,7 @@ mpjax's (`MetricsWriter`, `SkipGuard`, `ProgressBar`, `CheckpointManager`,
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -16,6 +17,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import jax
 
 import mpjax
+
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def open_checkpoints(args: argparse.Namespace, name: str,
@@ -175,6 +178,32 @@ def run(step: Callable, state: mpjax.TrainState, batch_at: Callable[[int], Any],
     print(f"{name}: stopped at step {stopped_at} by --stop-after "
           f"{args.stop_after}", flush=True)
   return result
+
+
+def run_configs(run_one: Callable[[Any, Optional[mpjax.MetricsWriter]], dict],
+                configs: List[Any], args: argparse.Namespace) -> List[dict]:
+  """``run_one(config, log)`` for each config, --metrics' writer open for all
+  of them (log is None without --metrics); returns the rows."""
+  if not args.metrics:
+    return [run_one(c, None) for c in configs]
+  with mpjax.MetricsWriter(args.metrics) as log:
+    return [run_one(c, log) for c in configs]
+
+
+def finish(result: dict, rows: List[dict], args: argparse.Namespace,
+           argv: List[str], *, title: str) -> None:
+  """The end of every experiment: writes --json, names --metrics, draws
+  --plot and prints where --stop-after stopped and how to resume."""
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+  if args.metrics:
+    print(f"wrote {args.metrics}")
+  plot(args, title=title)
+  for line in cli.stopped_lines(rows, args, argv):
+    print(line)
 
 
 def plot(args: argparse.Namespace, title: str) -> None:
