@@ -57,7 +57,7 @@ def test_attention_entry_reaches_its_projections():
   assert q.fp8 == mpjax.CurrentScaling()
 
 
-@pytest.mark.parametrize("cls", [nn.LayerNorm, nn.Embed, nn.Conv, nn.Einsum,
+@pytest.mark.parametrize("cls", [nn.LayerNorm, nn.Embed, nn.Conv,
                                  nnx.Dropout, nnx.Embed])
 def test_fp8_on_a_layer_without_matmul_raises_naming_it(cls):
   pm = mpjax.PolicyMap("mixed_bfloat16", {"x": RECIPE})

@@ -22,9 +22,18 @@ gradient) and the *gradient* with respect to ``state`` is its updated value
 (the forward's input/kernel scales and histories, the backward's
 output-gradient ones). `mpjax.make_train_step` makes that gradient the new
 value of the ``"_overwrite_with_gradient"`` model state, so the update
-happens inside the jitted step, and a skipped step keeps the old one. Each
-state must be used by one call per differentiated function: two uses would
-add their updated values.
+happens inside the jitted step, and a skipped step keeps the old one.
+
+A layer called more than once in one loss (a shared layer, weights used
+twice) reads the same state at every call: autodiff would *add* the calls'
+updated states (an amax history of ``10 + 1`` where the max is 10, a doubled
+scale). `fp8_dot_general_chained` orders the uses instead: each call returns
+a *token* (zeros shaped like the state) whose gradient is the updated state
+of the later uses, and the next call takes it (``previous=``), so the state's
+gradient is the elementwise max of every use's updated state: the history
+takes the max of the calls' amaxes, and the scale, computed by every call
+from the same history, stays that scale. The layer hooks
+(`mpjax._src.fp8_layers`) chain the calls of one layer within one trace.
 """
 
 import functools
@@ -124,6 +133,7 @@ def scaled_dot(qa: jax.Array, sa: jax.Array, qb: jax.Array, sb: jax.Array,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _delayed(lhs, rhs, state, dims, recipe, out_dtype, lhs_dtype, rhs_dtype):
+  """``(out, token)``: the product and a zero token (see `chain_state`)."""
   return _delayed_fwd(lhs, rhs, state, dims, recipe, out_dtype, lhs_dtype,
                       rhs_dtype)[0]
 
@@ -139,11 +149,13 @@ def _delayed_fwd(lhs, rhs, state, dims, recipe, out_dtype, lhs_dtype,
   out = scaled_dot(qx, xs[0], qk, ks[0], dims).astype(out_dtype)
   res = (qx, qk, xs, xh, ks, kh, state["output_grad_scale"],
          state["output_grad_amax_history"])
-  return out, res
+  token = {k: jnp.zeros_like(v) for k, v in state.items()}
+  return (out, token), res
 
 
 def _delayed_bwd(dims, recipe, out_dtype, lhs_dtype, rhs_dtype, res, g):
   del out_dtype
+  g, later = g  # later: the token's cotangent, the later uses' new state
   qx, qk, xs, xh, ks, kh, gs_old, gh_old = res
   _, bwd = recipe.dtypes
   qg, gs, gh = recipe.update(g, gh_old, gs_old, bwd)
@@ -154,6 +166,8 @@ def _delayed_bwd(dims, recipe, out_dtype, lhs_dtype, rhs_dtype, res, g):
   new_state = {"input_scale": xs, "input_amax_history": xh,
                "kernel_scale": ks, "kernel_amax_history": kh,
                "output_grad_scale": gs, "output_grad_amax_history": gh}
+  # Zeros when no later use: histories are >= 0 and scales > 0.
+  new_state = {k: jnp.maximum(v, later[k]) for k, v in new_state.items()}
   return dx.astype(lhs_dtype), dk.astype(rhs_dtype), new_state
 
 
@@ -210,6 +224,33 @@ def _current_bwd(dims, recipe, out_dtype, res, g):
 _current.defvjp(_current_fwd, _current_bwd)
 
 
+# ---------------------------------------------------------------- chaining
+
+
+@jax.custom_vjp
+def chain_state(state, token):
+  """`state`, with its gradient handed to `token` (an earlier use's token).
+
+  Forward: `state`. Backward: zero for `state`, and the gradient (this and
+  the later uses' updated state) for `token`, which the earlier use combines
+  with its own by max.
+  """
+  del token
+  return state
+
+
+def _chain_fwd(state, token):
+  del token
+  return state, None
+
+
+def _chain_bwd(_, g):
+  return jax.tree.map(jnp.zeros_like, g), g
+
+
+chain_state.defvjp(_chain_fwd, _chain_bwd)
+
+
 # ---------------------------------------------------------------- public
 
 
@@ -228,6 +269,50 @@ def check_state(state: Any, recipe: fp8_lib.DelayedScaling,
           f"{where}: state[{key!r}] has shape {jnp.shape(state[key])}, the "
           f"recipe {recipe} needs {leaf.shape}.")
   return {k: jnp.asarray(state[k], jnp.float32) for k in want}
+
+
+def fp8_dot_general_chained(
+    lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
+    precision: Any = None, preferred_element_type: Optional[Any] = None, *,
+    recipe: fp8_lib.Recipe, state: Optional[Mapping[str, jax.Array]] = None,
+    previous: Optional[Mapping[str, jax.Array]] = None,
+    out_sharding: Any = None) -> Tuple[jax.Array, Optional[Dict[str, Any]]]:
+  """`fp8_dot_general`, and the token the next use of `state` takes.
+
+  Args:
+    lhs, rhs, dimension_numbers, precision, preferred_element_type, recipe,
+      state, out_sharding: as `fp8_dot_general`'s.
+    previous: the token of the previous call with the same `state` in this
+      differentiated function (None: this is the first). The state's gradient
+      is then the elementwise max of both calls' updated states (see the
+      module docstring), not their sum.
+
+  Returns:
+    ``(out, token)``: the product, and a dict of zeros shaped like `state`
+    to pass as ``previous=`` to the next use (None with `CurrentScaling`).
+  """
+  del precision
+  fp8_lib.check_recipe(recipe, "fp8_dot_general")
+  if out_sharding is not None:
+    raise NotImplementedError("fp8_dot_general: out_sharding is not supported;"
+                              " shard the operands instead.")
+  dims = _normalize(dimension_numbers)
+  out_dtype = jnp.dtype(preferred_element_type if preferred_element_type
+                        is not None else jnp.result_type(lhs, rhs))
+  if isinstance(recipe, fp8_lib.DelayedScaling):
+    if state is None:
+      raise ValueError("fp8_dot_general: DelayedScaling needs state= "
+                       "(recipe.init_state(), then its gradient).")
+    state = check_state(state, recipe)
+    if previous is not None:
+      state = chain_state(state, check_state(previous, recipe,
+                                             "fp8_dot_general(previous=)"))
+    return _delayed(lhs, rhs, state, dims, recipe, out_dtype,
+                    jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
+  if state:
+    raise ValueError("fp8_dot_general: CurrentScaling keeps no state; got "
+                     f"state with keys {sorted(state)}.")
+  return _current(lhs, rhs, dims, recipe, out_dtype), None
 
 
 def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
@@ -250,7 +335,8 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
     recipe: `DelayedScaling` or `CurrentScaling`.
     state: with `DelayedScaling`, the layer's fp8 state
       (``recipe.init_state()`` or its updated value); its gradient is the
-      updated state. None with `CurrentScaling`.
+      updated state. None with `CurrentScaling`. A state used by several
+      calls in one differentiated function needs `fp8_dot_general_chained`.
     out_sharding: must be None.
 
   Returns:
@@ -265,25 +351,9 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
     >>> y.dtype, bool(jnp.allclose(y, x @ k))
     (dtype('float32'), True)
   """
-  del precision
-  fp8_lib.check_recipe(recipe, "fp8_dot_general")
-  if out_sharding is not None:
-    raise NotImplementedError("fp8_dot_general: out_sharding is not supported;"
-                              " shard the operands instead.")
-  dims = _normalize(dimension_numbers)
-  out_dtype = jnp.dtype(preferred_element_type if preferred_element_type
-                        is not None else jnp.result_type(lhs, rhs))
-  if isinstance(recipe, fp8_lib.DelayedScaling):
-    if state is None:
-      raise ValueError("fp8_dot_general: DelayedScaling needs state= "
-                       "(recipe.init_state(), then its gradient).")
-    state = check_state(state, recipe)
-    return _delayed(lhs, rhs, state, dims, recipe, out_dtype,
-                    jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
-  if state:
-    raise ValueError("fp8_dot_general: CurrentScaling keeps no state; got "
-                     f"state with keys {sorted(state)}.")
-  return _current(lhs, rhs, dims, recipe, out_dtype)
+  return fp8_dot_general_chained(
+      lhs, rhs, dimension_numbers, precision, preferred_element_type,
+      recipe=recipe, state=state, out_sharding=out_sharding)[0]
 
 
 def with_recipe(recipe: fp8_lib.Recipe,
@@ -296,15 +366,121 @@ def with_recipe(recipe: fp8_lib.Recipe,
   return functools.partial(fp8_dot_general, recipe=recipe, state=state)
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def einsum_dims(subscripts: str, lhs_ndim: int, rhs_ndim: int
+                ) -> Tuple[Dims, Tuple[int, ...], Tuple[int, ...],
+                           Tuple[int, ...]]:
+  """A two-operand einsum as one ``dot_general``.
+
+  Args:
+    subscripts: ``"btd,dh->bth"`` (``...`` allowed; implicit output: the
+      labels used once, sorted, as NumPy's).
+    lhs_ndim, rhs_ndim: the operands' ranks.
+
+  Returns:
+    ``(dims, perm, lhs_sum, rhs_sum)``: ``einsum(s, lhs, rhs) ==
+    transpose(dot_general(sum(lhs, lhs_sum), sum(rhs, rhs_sum), dims),
+    perm)``, where ``lhs_sum``/``rhs_sum`` are the axes of labels only that
+    operand has and the output lacks (summed before the matmul).
+
+  Raises:
+    ValueError: not two operands, a label repeated within an operand, a
+      rank that does not match, or an ellipsis of different ranks.
+  """
+  s = subscripts.replace(" ", "")
+  inputs, arrow, out = s.partition("->")
+  operands = inputs.split(",")
+  if len(operands) != 2:
+    raise ValueError(f"fp8_einsum: {subscripts!r} must have exactly two "
+                     "operands (input, kernel).")
+  used = set(s) - set(".,->")
+  pool = [c for c in _LETTERS if c not in used]
+  ell = {}
+  labels = []
+  for term, ndim in zip(operands, (lhs_ndim, rhs_ndim)):
+    if "..." in term:
+      n = ndim - len(term.replace("...", ""))
+      if n < 0 or ell.setdefault("n", n) != n:
+        raise ValueError(f"fp8_einsum: {subscripts!r}: the ellipsis spans "
+                         "different ranks in the two operands (broadcasting "
+                         "is not supported) or the rank is too small.")
+      term = term.replace("...", "".join(pool[:n]))
+    if len(term) != ndim:
+      raise ValueError(f"fp8_einsum: {subscripts!r}: operand {term!r} has "
+                       f"{len(term)} labels for a rank-{ndim} array.")
+    if len(set(term)) != len(term):
+      raise ValueError(f"fp8_einsum: {subscripts!r}: a label repeated within "
+                       f"operand {term!r} (a diagonal) is not supported.")
+    labels.append(term)
+  ellipsis = "".join(pool[:ell.get("n", 0)])
+  if arrow:
+    out = out.replace("...", ellipsis)
+  else:
+    both = labels[0] + labels[1]
+    out = ellipsis + "".join(sorted(c for c in set(both) - set(ellipsis)
+                                    if both.count(c) == 1))
+  lhs, rhs = labels
+  lhs_sum = tuple(i for i, c in enumerate(lhs) if c not in rhs + out)
+  rhs_sum = tuple(i for i, c in enumerate(rhs) if c not in lhs + out)
+  lhs = "".join(c for c in lhs if c in rhs + out)
+  rhs = "".join(c for c in rhs if c in lhs + out)
+  batch = [c for c in lhs if c in rhs and c in out]
+  contract = [c for c in lhs if c in rhs and c not in out]
+  lhs_free = [c for c in lhs if c not in rhs]
+  rhs_free = [c for c in rhs if c not in lhs]
+  dims = ((tuple(lhs.index(c) for c in contract),
+           tuple(rhs.index(c) for c in contract)),
+          (tuple(lhs.index(c) for c in batch),
+           tuple(rhs.index(c) for c in batch)))
+  dot_out = batch + lhs_free + rhs_free
+  if sorted(dot_out) != sorted(out):
+    raise ValueError(f"fp8_einsum: {subscripts!r}: output labels {out!r} "
+                     "must each come from an operand, once.")
+  return dims, tuple(dot_out.index(c) for c in out), lhs_sum, rhs_sum
+
+
+def fp8_einsum_chained(subscripts: str, lhs: jax.Array, rhs: jax.Array, *,
+                       recipe: fp8_lib.Recipe,
+                       state: Optional[Mapping[str, jax.Array]] = None,
+                       previous: Optional[Mapping[str, jax.Array]] = None,
+                       preferred_element_type: Optional[Any] = None,
+                       **kwargs) -> Tuple[jax.Array, Optional[Dict[str, Any]]]:
+  """`fp8_einsum`, and the token of `fp8_dot_general_chained`."""
+  kwargs.pop("precision", None)
+  kwargs.pop("out_sharding", None)
+  if kwargs:
+    raise TypeError(f"fp8_einsum: unsupported arguments {sorted(kwargs)}.")
+  dims, perm, lhs_sum, rhs_sum = einsum_dims(subscripts, lhs.ndim, rhs.ndim)
+  if lhs_sum:
+    lhs = jnp.sum(lhs, axis=lhs_sum)
+  if rhs_sum:
+    rhs = jnp.sum(rhs, axis=rhs_sum)
+  out, token = fp8_dot_general_chained(
+      lhs, rhs, dims, preferred_element_type=preferred_element_type,
+      recipe=recipe, state=state, previous=previous)
+  return jnp.transpose(out, perm), token
+
+
 def fp8_einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array, *,
                recipe: fp8_lib.Recipe,
                state: Optional[Mapping[str, jax.Array]] = None,
                preferred_element_type: Optional[Any] = None,
                **kwargs) -> jax.Array:
-  """``jnp.einsum(subscripts, lhs, rhs)`` as one fp8 `fp8_dot_general`."""
-  kwargs.pop("precision", None)
-  kwargs.pop("out_sharding", None)
-  return jnp.einsum(subscripts, lhs, rhs,
-                    preferred_element_type=preferred_element_type,
-                    _dot_general=with_recipe(recipe, state), **kwargs)
+  """``jnp.einsum(subscripts, lhs, rhs)`` as one fp8 `fp8_dot_general`.
 
+  The einsum is one ``dot_general`` (`einsum_dims`) and a transpose, so
+  the operands are quantized once each, whatever their layout.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mpjax._src import fp8
+    >>> x, k = jnp.ones((2, 3, 4)), jnp.full((4, 5), 0.5)
+    >>> y = fp8_einsum("btd,dh->bth", x, k, recipe=fp8.CurrentScaling())
+    >>> y.shape, bool(jnp.allclose(y, 2.0))
+    ((2, 3, 5), True)
+  """
+  return fp8_einsum_chained(subscripts, lhs, rhs, recipe=recipe, state=state,
+                            preferred_element_type=preferred_element_type,
+                            **kwargs)[0]

@@ -49,12 +49,13 @@ LOW_PRECISION_LAYERS: Tuple[type, ...] = (
     nnx.Embed,
 )
 # Layers that run their matmul in fp8 under an fp8 entry of a PolicyMap
-# (their dot_general / einsum_op is swapped for the call).
-FP8_LAYERS: Tuple[type, ...] = (nn.Dense, nn.DenseGeneral, nnx.Linear,
-                                nnx.LinearGeneral, nnx.Einsum)
+# (their dot_general / einsum_op is swapped for the call; linen's Einsum,
+# which has neither, is computed by fp8_layers.linen_einsum_call).
+FP8_LAYERS: Tuple[type, ...] = (nn.Dense, nn.DenseGeneral, nn.Einsum,
+                                nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 # Flax layers with no matmul fp8 can run: an fp8 entry naming one raises.
 NO_FP8_LAYERS: Tuple[type, ...] = FLOAT32_LAYERS + (
-    nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed, nn.Einsum, nn.Dropout,
+    nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed, nn.Dropout,
     nnx.Conv, nnx.ConvTranspose, nnx.Embed, nnx.Dropout)
 # Layers whose softmax runs inside flax's attention function.
 ATTENTION_LAYERS: Tuple[type, ...] = (nn.MultiHeadDotProductAttention,

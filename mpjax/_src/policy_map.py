@@ -64,14 +64,14 @@ it as its default.
 **FP8 entries.** An entry's value may be an fp8 recipe
 (`mpjax.DelayedScaling`, `mpjax.CurrentScaling`) instead of a policy:
 ``{nn.Dense: mpjax.DelayedScaling()}`` or ``{"**/mlp/*": ...}``. A matched
-matmul layer (`islands.FP8_LAYERS`: Dense, DenseGeneral; NNX Linear,
-LinearGeneral, Einsum) runs its matmul in fp8 (`mpjax._src.fp8_dot`) and the
-rest of its call (bias, casts) like a low-precision layer of the inherited
+matmul layer (`islands.FP8_LAYERS`: Dense, DenseGeneral, Einsum; NNX
+Linear, LinearGeneral, Einsum) runs its matmul in fp8 (`mpjax._src.fp8_dot`)
+and the rest of its call (bias, casts) like a low-precision layer of the inherited
 policy; a matched attention layer or container is not a boundary and passes
 the recipe to the matmul layers under it (the attention projections; its
 softmax stays as the policy says), where any other entry still wins. An fp8
 entry that matches a flax layer with no matmul fp8 can run
-(`islands.NO_FP8_LAYERS`: norms, Conv, Embed, Dropout, linen's Einsum)
+(`islands.NO_FP8_LAYERS`: norms, Conv, Embed, Dropout)
 raises `ValueError` naming the module.
 """
 
@@ -365,10 +365,10 @@ def _fp8_level(key: EntryKey, recipe: fp8_lib.Recipe, path: str, cls: type,
     raise ValueError(
         f"PolicyMap entry {_key_repr(key)}: {recipe!r} matches module "
         f"{path or '(root)'!r} ({cls.__module__}.{cls.__name__}), which has "
-        "no matmul fp8 can run; fp8 runs in linen Dense and DenseGeneral and "
-        "NNX Linear, LinearGeneral and Einsum layers (and in those under an "
-        "attention layer or container an entry names): narrow the pattern "
-        "or class.")
+        "no matmul fp8 can run; fp8 runs in linen Dense, DenseGeneral and "
+        "Einsum and NNX Linear, LinearGeneral and Einsum layers (and in those "
+        "under an attention layer or container an entry names): narrow the "
+        "pattern or class.")
   if issubclass(cls, islands_lib.FP8_LAYERS):
     policy = jmp.Policy(inherited.param_dtype, inherited.compute_dtype,
                         (inherited.output_dtype if is_root
