@@ -48,6 +48,10 @@ OPTIMIZER_PRECISIONS = {p.name: p for p in (
 # The configurations of the LM and ResNet experiments (lm_common.CONFIGS,
 # resnet_common.CONFIGS), by name.
 PRECISION_CONFIGS = ("float32", "mixed_bfloat16", "mixed_float16")
+# The LM examples also train in fp8 (the mixed_bfloat16 map plus an fp8
+# recipe on every matmul layer): lm_common.CONFIGS. Not in the default run.
+FP8_CONFIGS = ("fp8_delayed", "fp8_current")
+LM_CONFIGS = PRECISION_CONFIGS + FP8_CONFIGS
 
 
 def add_optimizer_precision_argument(parser: argparse.ArgumentParser) -> None:
@@ -176,7 +180,8 @@ def parse_lm_args(argv: List[str], api: str) -> argparse.Namespace:
   """The flags of experiments/lm_linen.py and lm_nnx.py (`api`)."""
   parser = argparse.ArgumentParser(
       description=f"Train the {api} transformer LM in float32, mixed_bfloat16 "
-                  "and mixed_float16 + dynamic loss scaling.")
+                  "and mixed_float16 + dynamic loss scaling (and, with "
+                  "--configs, in fp8: fp8_delayed, fp8_current).")
   parser.add_argument("--model", choices=("small", "gpt2-124m"),
                       default="small",
                       help="small: the flags below; gpt2-124m: GPT-2 small's "
@@ -197,10 +202,19 @@ def parse_lm_args(argv: List[str], api: str) -> argparse.Namespace:
   parser.add_argument("--timing-warmup", type=int, default=10,
                       help="steps left out of tokens/s")
   parser.add_argument("--configs", nargs="+", default=list(PRECISION_CONFIGS),
-                      choices=PRECISION_CONFIGS)
+                      choices=LM_CONFIGS,
+                      help="fp8_delayed / fp8_current: mixed_bfloat16 with "
+                           "fp8 matmuls (DelayedScaling() / CurrentScaling() "
+                           "on every Dense/DenseGeneral, NNX Linear/"
+                           "LinearGeneral); default: "
+                           + " ".join(PRECISION_CONFIGS))
   parser.add_argument("--max-gap-pct", type=float, default=2.0,
                       help="exit with an error if a mixed run's val loss is "
                            "more than this far from float32's")
+  parser.add_argument("--max-fp8-gap-pct", type=float, default=1.5,
+                      help="exit with an error if an fp8 run's val loss is "
+                           "more than this far (percent) from "
+                           "mixed_bfloat16's")
   parser.add_argument("--json", default=os.path.join("runs", f"lm_{api}.json"))
   add_optimizer_precision_argument(parser)
   add_run_arguments(parser, f"lm_{api}")

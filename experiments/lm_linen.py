@@ -1,4 +1,4 @@
-"""A small transformer language model in flax linen, three precisions.
+"""A small transformer language model in flax linen, three precisions (and fp8).
 
 Trains `lm_models_linen.TransformerLM` (pre-norm, causal, GPT-2 layout) on
 the bytes of Python's standard library (`lm_data`) in float32,
@@ -14,6 +14,8 @@ Command (from the repository root, after `pip install -e .`):
 
   python experiments/lm_linen.py                 # ~1.5 min on 2 CPU cores
   python experiments/lm_linen.py --model gpt2-124m --seq-len 1024  # GPU-sized
+  python experiments/lm_linen.py --configs mixed_bfloat16 fp8_delayed \
+      fp8_current                                # fp8 matmuls vs bfloat16
 
 Expected with the defaults (2 layers x 64, 4 heads, seq 64, batch 16, 600
 steps, Adam 3e-3 with warm-up and cosine decay, 120,576 params): validation
@@ -26,7 +28,6 @@ float16 and bfloat16 matmuls by converting to float32.
 
 import os
 import sys
-from typing import Any, Callable, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -37,19 +38,31 @@ if __name__ == "__main__":
 
 import jax
 import jax.numpy as jnp
+import optax
+
+import mpjax
 
 import lm_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import lm_models_linen  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def build(config: lm_common.LMConfig, policy: Any,
-          seed: int) -> Tuple[Callable, Any]:
-  """(model.apply, float32 params); the train step applies `policy`."""
-  del policy  # linen: the policy travels in the TrainState.
+def build(config: lm_common.LMConfig, policy: mpjax.PolicyMap, seed: int,
+          tx: optax.GradientTransformation) -> mpjax.TrainState:
+  """The fresh train state: float32 params, `policy` applied by the step.
+
+  The model is initialised under `policy`, so that an fp8 map creates its
+  layers' scales and amax histories (the ``_overwrite_with_gradient``
+  collection), which travel as the state's ``model_state``; a map without
+  fp8 creates the same params as a plain ``model.init``.
+  """
   model = lm_models_linen.TransformerLM(config)
   tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(seed), tokens)["params"]
-  return model.apply, params
+  variables = dict(jax.jit(mpjax.with_policy(model.init, policy))(
+      jax.random.key(seed), tokens))
+  params = variables.pop("params")
+  return mpjax.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                 policy=policy,
+                                 model_state=variables or None)
 
 
 def main(argv):

@@ -134,12 +134,13 @@ def test_the_flags_names_match_the_configurations():
   import seed_mlp  # pylint: disable=g-import-not-at-top
   import train_sharded  # pylint: disable=g-import-not-at-top
   assert seed_mlp.CONFIG_NAMES == tuple(c.name for c in seed_mlp.CONFIGS)
-  assert cli.PRECISION_CONFIGS == tuple(c.name for c in lm_common.CONFIGS)
+  assert cli.LM_CONFIGS == tuple(c.name for c in lm_common.CONFIGS)
+  assert cli.LM_CONFIGS[:3] == cli.PRECISION_CONFIGS
   assert cli.PRECISION_CONFIGS == tuple(c.name for c in resnet_common.CONFIGS)
   assert train_sharded.SCALING_NAMES == tuple(sorted(train_sharded.SCALINGS))
   assert optimizer_precision.PRESETS is cli.OPTIMIZER_PRECISIONS
   import fp8_lm  # pylint: disable=g-import-not-at-top
-  assert fp8_lm.RECIPE_NAMES == tuple(fp8_lm.RECIPES)
+  assert set(fp8_lm.CONFIGS) <= set(cli.LM_CONFIGS)
   import bench  # pylint: disable=g-import-not-at-top
   assert bench.TARGETS == bench.bench_compiled.TARGETS
   assert bench.POLICIES == tuple(p.name for p in bench.bench_models.POLICIES)

@@ -75,8 +75,8 @@ TINY = ["--steps", "6", "--layers", "1", "--d-model", "16", "--heads", "2",
 # A few configurations per API keep this fast; every one runs in the
 # experiments themselves.
 @pytest.mark.parametrize("script,configs", [
-    (lm_linen, ["float32", "mixed_float16"]), (lm_nnx, ["mixed_bfloat16"])],
-                         ids=["linen", "nnx"])
+    (lm_linen, ["float32", "mixed_float16", "fp8_delayed"]),
+    (lm_nnx, ["mixed_bfloat16", "fp8_delayed"])], ids=["linen", "nnx"])
 def test_script_trains_and_writes_its_table(script, configs, tmp_path, capsys):
   path = tmp_path / "lm.json"
   metrics = tmp_path / "metrics.jsonl"
@@ -95,6 +95,20 @@ def test_script_trains_and_writes_its_table(script, configs, tmp_path, capsys):
     assert len(row["loss_curve"]) == 6
   if "float32" in configs:
     assert written["rows"][0]["val_gap_pct"] == 0.0
+  by_name = {r["config"]: r for r in written["rows"]}
+  fp8_row = by_name["fp8_delayed"]
+  # fp8 matmuls ran: the MLP and attention projections, 40% of this tiny
+  # model's matmul FLOPs (the tied output layer stays bfloat16).
+  assert any("float8_e5m2" in k for k in fp8_row[
+      "lowered_matmul_flops_by_dtype"])
+  assert 0.3 < fp8_row["fp8_matmul_share"] < 0.5
+  assert fp8_row["gap_reference"] == "mixed_bfloat16"
+  for name, row in by_name.items():
+    if name != "fp8_delayed":
+      assert row["fp8_matmul_share"] == 0.0, name
+  if "mixed_bfloat16" in by_name:
+    assert by_name["mixed_bfloat16"]["bf16_gap_pct"] == 0.0
+    assert fp8_row["bf16_gap_pct"] is not None
   assert written["environment"]["python"]
   assert f"| {configs[-1]} |" in capsys.readouterr().out
   records = mpjax.read_metrics(str(metrics))
@@ -131,3 +145,33 @@ def test_gap_check_names_the_runs_more_than_the_limit_from_float32():
                                                 "mixed_float16"]
   assert lm_common.gap_failures([{"config": "x", "val_gap_pct": None}],
                                 0.0) == []
+
+
+def test_fp8_gap_is_checked_against_bfloat16_not_float32():
+  # fp8 rows: their gap to mixed_bfloat16 counts, float32 may be absent.
+  rows = [{"config": "mixed_bfloat16", "val_gap_pct": None,
+           "bf16_gap_pct": 0.0},
+          {"config": "fp8_delayed", "gap_reference": "mixed_bfloat16",
+           "val_gap_pct": 3.0, "bf16_gap_pct": 1.4},
+          {"config": "fp8_current", "gap_reference": "mixed_bfloat16",
+           "val_gap_pct": None, "bf16_gap_pct": -1.6}]
+  assert lm_common.gap_failures(rows, 2.0, 1.5) == ["fp8_current"]
+  assert lm_common.gap_failures(rows, 2.0, 1.0) == ["fp8_delayed",
+                                                     "fp8_current"]
+  assert lm_common.gap_failures(rows, 2.0) == []  # no fp8 limit given
+  by_name = {c.name: c for c in lm_common.CONFIGS}
+  assert by_name["fp8_delayed"].reference == "mixed_bfloat16"
+  assert by_name["mixed_float16"].reference == "float32"
+
+
+def test_fp8_configs_put_the_recipe_on_every_matmul_layer_of_each_api():
+  recipe = mpjax.DelayedScaling()
+  for api, classes in (("linen", ("Dense", "DenseGeneral")),
+                       ("nnx", ("Linear", "LinearGeneral"))):
+    pm = lm_common.fp8_policy(recipe, api)
+    assert sorted(k.__name__ for k, _ in pm.overrides) == sorted(classes)
+    assert all(v == recipe for _, v in pm.overrides)
+  both = {c.name: c for c in lm_common.CONFIGS}["fp8_current"].policy
+  assert len(both.overrides) == 4
+  with pytest.raises(ValueError, match="unknown api 'jax'"):
+    lm_common.fp8_policy(recipe, "jax")
