@@ -49,6 +49,8 @@ from mpjax._src.fp8 import DelayedScaling
 from mpjax._src.fp8 import saturating_cast
 from mpjax._src.fp8_dot import fp8_dot_general
 from mpjax._src.fp8_dot import fp8_einsum
+from mpjax._src.mxfp8_dot import mxfp8_dot_general
+from mpjax._src.mxfp8_dot import mxfp8_quantize
 from mpjax._src.policy_map import PolicyMap
 from mpjax._src.model_state import OVERWRITE_WITH_GRADIENT
 from mpjax._src.nnx_apply import NNXApply
@@ -153,6 +155,8 @@ __all__ = (
     "loss_scale_state",
     "loss_scaled",
     "make_train_step",
+    "mxfp8_dot_general",
+    "mxfp8_quantize",
     "nonfinite_leaf_paths",
     "numerics",
     "periodic_grad_stats",
