@@ -142,3 +142,57 @@ def test_cudnn_convolutions_are_counted_with_the_lowered_programs_flops():
   assert report.matmul_share("bfloat16") == 1.0
   assert report.matmul_flops == mpjax.audit_program(step, state,
                                                     batch).matmul_flops
+
+
+def test_e5m2_by_e4m3_gradient_gemms_are_priced_at_the_fp8_rate():
+  dims = (((1,), (0,)), ((), ()))
+  recipe = mpjax.CurrentScaling()
+
+  def loss(x, w):
+    return jnp.sum(mpjax.fp8_dot_general(x, w, dims, recipe=recipe))
+
+  x, w = jnp.ones((128, 256), jnp.bfloat16), jnp.ones((256, 128), jnp.bfloat16)
+  report = mpjax.audit_compiled(mpjax.compile_for_target(
+      jax.grad(loss, argnums=(0, 1)), x, w))
+  pairs = {(m.lhs_dtype, m.rhs_dtype) for m in report.matmuls}
+  assert ("float8_e5m2", "float8_e4m3fn") in pairs, pairs
+  keys = {k for kernel in report.kernels for k in kernel.flops}
+  assert keys == {"float8_e5m2"}, keys  # not "tf32"
+  fp8_rate = mpjax.gpu_target("h100").matmul_flops_per_s["float8_e5m2"]
+  p = mpjax.project_compiled(report, "h100")
+  assert p["compute_s"] == pytest.approx(report.matmul_flops / fp8_rate)
+
+
+def _mxfp8_step_report(target):
+  dims = (((1,), (0,)), ((), ()))
+  x = jnp.ones((128, 256), jnp.bfloat16)
+  w = jnp.ones((256, 128), jnp.bfloat16)
+  step = jax.grad(lambda x, w: jnp.sum(mpjax.mxfp8_dot_general(x, w, dims)),
+                  argnums=(0, 1))
+  return mpjax.audit_compiled(mpjax.compile_for_target(step, x, w,
+                                                       target=target))
+
+
+def test_mxfp8_gemms_inside_called_computations_are_counted():
+  # B200 as shipped (cuDNN 9.7 in XLA's spec): XLA:GPU expands the
+  # block-scaled dot into a dequantize + float32 GEMM inside a `call`.
+  report = _mxfp8_step_report("b200")
+  assert len(report.matmuls) == 2  # dx, dw (the forward is unused)
+  assert {(m.implementation, m.lhs_dtype) for m in report.matmuls} == {
+      ("cuBLASLt", "float32")}
+  assert report.matmul_flops == 2 * 2 * 128 * 256 * 128
+
+
+def test_xla_scaled_dot_is_a_triton_block_scaled_gemm():
+  a = jax.ShapeDtypeStruct((1, 128, 256), jnp.float8_e4m3fn)
+  s = jax.ShapeDtypeStruct((1, 128, 8), jnp.float8_e8m0fnu)
+  f = lambda a, b, sa, sb: jax.lax.scaled_dot(
+      a, b, lhs_scale=sa, rhs_scale=sb,
+      dimension_numbers=(((2,), (2,)), ((0,), (0,))),
+      preferred_element_type=jnp.float32)
+  report = mpjax.audit_compiled(mpjax.compile_for_target(f, a, a, s, s,
+                                                         target="b200"))
+  (m,) = report.matmuls
+  assert (m.implementation, m.lhs_dtype, m.rhs_dtype, m.flops) == (
+      "Triton block-scaled gemm fusion", "float8_e4m3fn", "float8_e4m3fn",
+      2 * 128 * 128 * 256)

@@ -44,13 +44,14 @@ _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _NO_KERNEL = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple",
               "after-all", "partition-id", "replica-id", "copy-done",
-              "opt-barrier"}
+              "opt-barrier", "call"}
 # Implementation of a matmul kernel, by fusion kind or custom-call target.
 _IMPLEMENTATIONS = (
     ("__cublas$lt$matmul$f8", "cuBLASLt fp8"),
     ("__cublas$lt$matmul", "cuBLASLt"),
     ("__cublas$gemm", "cuBLAS"),
     ("__cudnn$fmha", "cuDNN fused attention"),
+    ("__cudnn$blockScaledDot", "cuDNN block-scaled GEMM"),
     ("__cudnn$conv", "cuDNN convolution"),
     ("__cudnn$fusion", "cuDNN fusion"),
     ("__triton_nested_gemm_fusion", "Triton gemm fusion"),
@@ -155,7 +156,9 @@ class MatmulKernel(NamedTuple):
   Attributes:
     name: the HLO instruction (``gemm_fusion_dot.96``, ``custom-call.3``).
     implementation: ``"Triton gemm fusion"``, ``"cuBLAS"``, ``"cuBLASLt"``,
-      ``"cuBLASLt fp8"``, ``"cuDNN fused attention"``, ...
+      ``"cuBLASLt fp8"``, ``"cuDNN fused attention"``, ``"cuDNN
+      block-scaled GEMM"`` / ``"Triton block-scaled gemm fusion"`` (MXFP8:
+      fp8 data with e8m0 block scales), ...
     lhs_dtype, rhs_dtype: operand dtype names of the dot.
     out_dtype: the dot's result dtype (the kernel may convert after it).
     flops: 2 x multiply-adds (attention kernels: their two matmuls).
@@ -357,6 +360,18 @@ def _gemm_config_dot(instr: _Instr, by_name) -> Optional[tuple]:
   return _dtype(ld), _dtype(rd), _dtype(od), 2 * math.prod(oshape) * k, highest
 
 
+def _block_scaled_info(instr: _Instr, by_name) -> Optional[tuple]:
+  """cuDNN's block-scaled GEMM: ``[B, M, K] x [B, N, K]`` (K last) with
+  block scales; (lhs, rhs, out dtype, flops, False)."""
+  lhs, rhs = (by_name.get(o) for o in instr.operands[:2])
+  if lhs is None or rhs is None:
+    return None
+  (ld, lshape), (rd, _) = _arrays(lhs.type)[0], _arrays(rhs.type)[0]
+  (od, oshape) = _arrays(instr.type)[0]
+  return (_dtype(ld), _dtype(rd), _dtype(od),
+          2 * math.prod(oshape) * lshape[-1], False)
+
+
 def _conv_info(instr: _Instr, by_name) -> Optional[tuple]:
   """A cuDNN convolution custom call's (lhs, rhs, out dtype, flops, False).
 
@@ -404,6 +419,16 @@ def _peak_key(dtype: str, highest: bool) -> str:
   if dtype in SIXTEEN_BIT or dtype.startswith("float8") or dtype == "int8":
     return dtype
   return "float32_highest" if highest else "tf32"
+
+
+def _rate_key(lhs: str, rhs: str, highest: bool) -> str:
+  """The rate-table key a matmul runs at: its operands' dtype. An fp8 x fp8
+  matmul of two formats (the e5m2 x e4m3 gradient GEMMs) runs at the fp8
+  tensor-core rate (the specs give e4m3 and e5m2 one rate: the lhs's);
+  any other mixed pair at float32's."""
+  if lhs.startswith("float8") and rhs.startswith("float8"):
+    return lhs
+  return _peak_key(lhs if lhs == rhs else "float32", highest)
 
 
 def _memory(compiled) -> Dict[str, Optional[int]]:
@@ -468,11 +493,14 @@ def audit_compiled(compiled: Any, dump_dir: Optional[str] = None,
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   comps, entry, by_name = _parse(text)
-  fused = set()
+  fused, called = set(), set()
   for instrs in comps.values():
     for instr in instrs:
       fused.update(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", instr.attrs))
-  top = [i for c, instrs in comps.items() if c not in fused for i in instrs]
+      if instr.opcode == "call":  # a subroutine whose kernels run as such
+        called.update(re.findall(r"to_apply=%([\w.\-]+)", instr.attrs))
+  top = [i for c, instrs in comps.items() if c not in fused - called
+         for i in instrs]
   target = ""
   if not isinstance(compiled, str):
     for sharding in jax.tree.leaves(compiled.input_shardings):
@@ -493,11 +521,18 @@ def audit_compiled(compiled: Any, dump_dir: Optional[str] = None,
     elif instr.opcode == "custom-call" and impl == "cuDNN convolution":
       info = _conv_info(instr, by_name)
       infos = [info] if info else []
+    elif instr.opcode == "custom-call" and impl == "cuDNN block-scaled GEMM":
+      info = _block_scaled_info(instr, by_name)
+      infos = [info] if info else []
     else:
-      infos = [_dot_info(i, by_name) for i in _called(
+      dots = [i for i in _called(
           comps, (re.findall(r"calls=%([\w.\-]+)", instr.attrs) or [""])[0])
-               if i.opcode == "dot"] if instr.opcode == "fusion" else []
-      infos = [i for i in infos if i]
+              if i.opcode in ("dot", "scaled-dot")
+              ] if instr.opcode == "fusion" else []
+      infos = [i for i in (_dot_info(d, by_name) for d in dots) if i]
+      if impl == "Triton gemm fusion" and any(d.opcode == "scaled-dot"
+                                              for d in dots):
+        impl = "Triton block-scaled gemm fusion"  # XLA's scaled-dot (MX)
       if instr.opcode == "dot":
         infos = [i for i in [_dot_info(instr, by_name)] if i]
         impl = impl or "XLA dot"
@@ -516,7 +551,7 @@ def audit_compiled(compiled: Any, dump_dir: Optional[str] = None,
     for ld, rd, od, f, highest in infos:
       matmuls.append(MatmulKernel(instr.name, impl, ld, rd, od, f, highest,
                                   _op_name(instr.attrs)))
-      flops[_peak_key(ld if ld == rd else "float32", highest)] += f
+      flops[_rate_key(ld, rd, highest)] += f
     if instr.opcode in ("copy", "copy-start"):
       (d, shape), = _arrays(instr.type)[:1] or [("?", ())]
       copies.append(Copy(instr.name, shape, _dtype(d), _nbytes(instr.type),
