@@ -46,6 +46,7 @@ from mpjax._src.metrics_log import read_metrics
 from mpjax._src.metrics_log import record_from_metrics
 from mpjax._src.fp8 import CurrentScaling
 from mpjax._src.fp8 import DelayedScaling
+from mpjax._src.fp8 import MXScaling
 from mpjax._src.fp8 import saturating_cast
 from mpjax._src.fp8_dot import fp8_dot_general
 from mpjax._src.fp8_dot import fp8_einsum
@@ -110,6 +111,7 @@ __all__ = (
     "LeafDiagnosis",
     "LossScaledState",
     "LossScaling",
+    "MXScaling",
     "MetricsWriter",
     "NNXApply",
     "OVERWRITE_WITH_GRADIENT",

@@ -177,3 +177,46 @@ def test_bad_input_names_the_value(kwargs, match):
 def test_quantize_needs_whole_blocks():
   with pytest.raises(ValueError, match=r"last axis \(40\).*multiple of 32"):
     mxfp8_dot.mxfp8_quantize(jnp.ones((2, 40)))
+
+
+def test_mxscaling_policy_map_entry_runs_dense_and_linear_in_mxfp8():
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(4), (8, 64))
+  batch = {"x": x, "y": jnp.ones((8, 32))}
+
+  def loss_fn(params, b, apply_fn, rng):
+    del rng
+    out = apply_fn({"params": params}, b["x"]).astype(jnp.float32)
+    return jnp.mean((out - b["y"]) ** 2)
+
+  tx = mpjax.loss_scaled(optax.sgd(0.1), mpjax.NoScaling())
+  step = mpjax.make_train_step(loss_fn)
+  model = nn.Dense(32, use_bias=False)
+  pm = mpjax.PolicyMap("mixed_bfloat16", {nn.Dense: mpjax.MXScaling()})
+  params = model.init(jax.random.key(0), x)["params"]
+  # The layer under the entry is mxfp8_dot_general on the policy's bfloat16.
+  y = mpjax.with_policy(model.apply, pm)({"params": params}, x)
+  want = mpjax.mxfp8_dot_general(x.astype(jnp.bfloat16),
+                                 params["kernel"].astype(jnp.bfloat16), DENSE)
+  chex.assert_trees_all_equal(y, want)
+  linen_state = mpjax.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=tx, policy=pm)
+  nnx_state = mpjax.TrainState.from_nnx(
+      nnx.Linear(64, 32, use_bias=False, rngs=nnx.Rngs(0)), tx=tx,
+      policy=mpjax.PolicyMap("mixed_bfloat16",
+                             {nnx.Linear: mpjax.MXScaling()}))
+  for state in (linen_state, nnx_state):
+    text = step.lower(state, batch).as_text()
+    # forward and kernel gradient (the input's gradient is not needed)
+    assert text.count('stablehlo.composite "xla.scaled_dot"') == 2
+    state, metrics = step(state, batch)
+    state, metrics2 = step(state, batch)
+    assert bool(metrics["grads_finite"])
+    assert float(metrics2["loss"]) < float(metrics["loss"])
+
+
+def test_mxscaling_rejects_an_unknown_format():
+  with pytest.raises(ValueError, match="unknown format 'e5m2'"):
+    mpjax.MXScaling(format="e5m2")

@@ -256,12 +256,44 @@ class CurrentScaling:
     return saturating_cast(x, dtype, scale), scale
 
 
-Recipe = Union[DelayedScaling, CurrentScaling]
-RECIPES = (DelayedScaling, CurrentScaling)
+@dataclasses.dataclass(frozen=True)
+class MXScaling:
+  """MXFP8 (OCP microscaling): one e8m0 power-of-two scale per 32 elements.
+
+  A layer under it runs `mpjax.mxfp8_dot_general` (see `mpjax._src.
+  mxfp8_dot`): blocks of 32 along the contracted dimensions, each block's
+  own scale (no state), e4m3 data, e5m2 output gradients (``"hybrid"``).
+
+  Attributes:
+    format: ``"hybrid"`` (e4m3 forward, e5m2 gradients) or ``"e4m3"``.
+
+  Examples:
+    >>> MXScaling()
+    MXScaling(format='hybrid')
+  """
+  format: str = "hybrid"
+
+  def __post_init__(self):
+    _check_format("MXScaling", self.format)
+
+  @property
+  def dtypes(self) -> Tuple[Any, Any]:
+    """(dtype of the forward operands, dtype of the output gradients)."""
+    fwd, bwd = _RECIPE_FORMATS[self.format]
+    return FORMATS[fwd], FORMATS[bwd]
+
+  def init_state(self) -> Dict[str, jax.Array]:
+    """MXFP8 keeps no state: ``{}``."""
+    return {}
+
+
+Recipe = Union[DelayedScaling, CurrentScaling, MXScaling]
+RECIPES = (DelayedScaling, CurrentScaling, MXScaling)
 
 
 def is_recipe(value: Any) -> bool:
-  """Whether `value` is an fp8 recipe (`DelayedScaling`, `CurrentScaling`)."""
+  """Whether `value` is an fp8 recipe (`DelayedScaling`, `CurrentScaling`,
+  `MXScaling`)."""
   return isinstance(value, RECIPES)
 
 
@@ -270,8 +302,8 @@ def check_recipe(value: Any, where: str = "fp8") -> Recipe:
   if not is_recipe(value):
     raise TypeError(
         f"{where}: {value!r} (of type {type(value).__name__}) is not an fp8 "
-        "recipe; expected mpjax.DelayedScaling(...) or "
-        "mpjax.CurrentScaling(...).")
+        "recipe; expected mpjax.DelayedScaling(...), "
+        "mpjax.CurrentScaling(...) or mpjax.MXScaling(...).")
   return value
 
 

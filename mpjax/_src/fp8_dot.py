@@ -310,8 +310,13 @@ def fp8_dot_general_chained(
     return _delayed(lhs, rhs, state, dims, recipe, out_dtype,
                     jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
   if state:
-    raise ValueError("fp8_dot_general: CurrentScaling keeps no state; got "
-                     f"state with keys {sorted(state)}.")
+    raise ValueError(f"fp8_dot_general: {type(recipe).__name__} keeps no "
+                     f"state; got state with keys {sorted(state)}.")
+  if isinstance(recipe, fp8_lib.MXScaling):
+    # Imported here: mxfp8_dot imports this module.
+    from mpjax._src import mxfp8_dot  # pylint: disable=g-import-not-at-top
+    return mxfp8_dot.mxfp8_dot_general(
+        lhs, rhs, dims, None, out_dtype, format=recipe.format), None
   return _current(lhs, rhs, dims, recipe, out_dtype), None
 
 
