@@ -1,32 +1,27 @@
 """The fused skip and the optimizer precisions, measured on compiled steps.
 
 1. CPU time of the seed MLP's float32 step (batch 128, 784 -> 128 -> 10, as
-   `bench.py` times it), interleaved: plain `mpjax.adam`, `optax.adam`,
-   ``loss_scaled(mpjax.adam, DynamicScaling)`` (the select path: an opaque
-   optimizer) and ``loss_scaled(mpjax.adamw(weight_decay=0.0),
-   DynamicScaling)`` (the fused path, `mpjax._src.fused_skip`).
+   `bench.py` times it), interleaved against plain `mpjax.adam`:
+   `optax.adam`, ``loss_scaled(optax.adam, DynamicScaling)`` (the select
+   path: optax's Adam is opaque to the protocol) and
+   ``loss_scaled(mpjax.adam, ...)`` / ``loss_scaled(mpjax.adamw(weight_decay
+   =0.0), ...)`` (the fused path, `mpjax._src.fused_skip`).
 2. Copies of the donated optimizer state (moment-shaped entry parameters) in
    the CPU-compiled step and in the H100-compiled step
    (`mpjax.audit_for_target`, no GPU needed).
 3. GPT-2 124M (batch 8 x 1024, mixed_bfloat16 compute) compiled for an H100:
    peak memory per optimizer-precision configuration.
 
-If `loss_scaled` does not pass ``finite_decision`` to its inner optimizer
-yet, the fused rows use its source with the wiring of the issue-16 report
-applied in memory, and say so (``"wiring": "patched in memory"``).
-
   python experiments/fused_skip_bench.py            # ~10 min on 2 busy cores
   python experiments/fused_skip_bench.py --skip-gpt2 --min-seconds 10
 """
 
 import argparse
-import inspect
 import json
 import os
 import re
 import sys
 import time
-import types
 from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +52,6 @@ import numpy as np
 import optax
 
 import mpjax
-from mpjax._src import loss_scaled as loss_scaled_lib
 
 import bench_core  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_models  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -65,42 +59,6 @@ import lm_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import lm_models_linen  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optimizer_precision  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# The wiring of the report: hand the decision in, keep the states it took.
-_WIRING = (
-    ("    updates, new_inner_state = inner.update(grads, state.inner_state, "
-     "params,\n                                            **extra_args)\n",
-     "    decision = _fused_skip.FiniteDecision(finite)\n"
-     "    updates, new_inner_state = inner.update(grads, state.inner_state, "
-     "params,\n        finite_decision=decision, **extra_args)\n"),
-    # Rebuilding the tree before the select would hide the taken states.
-    ("    new_inner_state = _cast_like(new_inner_state, state.inner_state)\n",
-     ""),
-    ("    inner_state = jmp.select_tree(finite, new_inner_state, "
-     "state.inner_state)\n",
-     "    inner_state = _cast_like(decision.select(\n"
-     "        new_inner_state, state.inner_state), state.inner_state)\n"),
-)
-
-
-def loss_scaled_with_protocol():
-  """`mpjax.loss_scaled`, or its source with the wiring applied in memory.
-
-  Returns ``(loss_scaled, wiring)`` with wiring ``"mpjax"`` or ``"patched in
-  memory"``.
-  """
-  source = inspect.getsource(loss_scaled_lib)
-  if "finite_decision" in source:
-    return mpjax.loss_scaled, "mpjax"
-  for old, new in _WIRING:
-    if source.count(old) != 1:
-      raise RuntimeError(f"loss_scaled.py changed: cannot wire {old!r}.")
-    source = source.replace(old, new)
-  source = "from mpjax._src import fused_skip as _fused_skip\n" + source
-  module = types.ModuleType("loss_scaled_wired")
-  exec(compile(source, "loss_scaled_wired.py", "exec"), module.__dict__)  # pylint: disable=exec-used
-  return module.loss_scaled, "patched in memory"
-
 
 def moment_copies(text: str) -> List[str]:
   """``copy`` instructions of moment-shaped optimizer-state parameters."""
@@ -114,14 +72,16 @@ def seed_mlp_steps(min_seconds: float) -> Dict[str, Any]:
   batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
   model = spec.flax_model()
   params = model.init(jax.random.key(0), batch["x"][:1])["params"]
-  wired, wiring = loss_scaled_with_protocol()
   dynamic = mpjax.DynamicScaling.like_torch()
   variants = {
       "mpjax.adam": mpjax.adam(1e-3),
       "optax.adam": optax.adam(1e-3),
-      "loss_scaled(mpjax.adam) select": mpjax.loss_scaled(mpjax.adam(1e-3),
+      # optax.adam is opaque to the protocol: loss_scaled selects its state.
+      "loss_scaled(optax.adam) select": mpjax.loss_scaled(optax.adam(1e-3),
                                                           dynamic),
-      "loss_scaled(mpjax.adamw) fused": wired(
+      "loss_scaled(mpjax.adam) fused": mpjax.loss_scaled(mpjax.adam(1e-3),
+                                                         dynamic),
+      "loss_scaled(mpjax.adamw) fused": mpjax.loss_scaled(
           mpjax.adamw(1e-3, weight_decay=0.0), dynamic),
   }
   runners, copies, h100 = {}, {}, {}
@@ -141,7 +101,7 @@ def seed_mlp_steps(min_seconds: float) -> Dict[str, Any]:
   times = bench_core.interleave(runners, warmup=20, min_rounds=200,
                                 min_seconds=min_seconds, max_rounds=100_000)
   out = bench_core._summary(times, "mpjax.adam")  # pylint: disable=protected-access
-  out.update(wiring=wiring, cpu_moment_copies=copies,
+  out.update(cpu_moment_copies=copies,
              h100_opt_state_copies=h100,
              target="loss_scaled(mpjax adam, DynamicScaling) within 3% of "
                     "plain adam; no copy of the donated moments")

@@ -315,6 +315,36 @@ def test_finite_flags_packs_one_flag_per_leaf_in_tree_order():
   chex.assert_shape(mpjax.finite_flags({}), (0,))
 
 
+@pytest.mark.parametrize("scale", [0.5, 3.0, 2.0**-126, 2.0**127, 3e38])
+def test_finite_flags_with_a_scale_equal_the_flags_of_the_unscaled_tree(
+    scale):
+  big = jnp.finfo(jnp.float32).max
+  tree = {"over": jnp.array([1.0, big]),  # inf once unscaled by 0.5
+          "nan": jnp.array([jnp.nan, 1.0]), "ok": jnp.array([-2.5, 1e-30]),
+          "f16": jnp.array([60000.0, -1.0], jnp.float16),
+          "c": jnp.array([1.0 + 1e38j]), "empty": jnp.zeros([0]),
+          "neg_inf": jnp.array([-jnp.inf])}
+  scale = jnp.float32(scale)
+  chex.assert_trees_all_equal(
+      jax.jit(mpjax.finite_flags)(tree, scale),
+      mpjax.finite_flags(jax.jit(mpjax.unscale_gradients)(tree, scale)))
+  assert not bool(mpjax.finite_flags(tree, jnp.float32(0.5))[3])  # "over"
+
+
+def test_unscaling_multiplies_by_the_reciprocal_even_above_two_to_126():
+  g = jnp.array([3.0 * 2.0**100, 1.5 * 2.0**30, -2.0**120], jnp.float32)
+  for scale in (2.0**127, 2.0**16, 1.0, 2.0**-20):
+    want = np.asarray(g, np.float64) / scale  # exact: powers of two
+    got = jax.jit(mpjax.unscale_gradients)(g, jnp.float32(scale))
+    np.testing.assert_array_equal(np.asarray(got, np.float64),
+                                  want.astype(np.float32))
+  # Not a power of two: torch's g * float32(1 / scale).
+  scale = 3e37
+  got = jax.jit(mpjax.unscale_gradients)(g, jnp.float32(scale))
+  inverse = np.float32(1.0 / np.float64(np.float32(scale)))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(g) * inverse)
+
+
 def dtypes(tree):
   return jax.tree.map(lambda x: x.dtype, tree)
 
@@ -554,3 +584,32 @@ def test_finite_decision_is_reserved():
   with pytest.raises(TypeError, match="finite_decision"):
     tx.update(grads_like(params, 1.0), tx.init(params), params,
               finite_decision=mpjax.FiniteDecision(jnp.array(True)))
+
+
+def _moment_copies(tx) -> list:
+  """``copy`` ops of donated moment buffers in the CPU-compiled train step."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+  batch = {"x": jnp.ones((4, 8)), "y": jnp.zeros((4, 4))}
+  params = model.init(jax.random.key(0), batch["x"])["params"]
+  state = mpjax.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                  policy="float32")
+
+  def loss_fn(params, batch, apply_fn, rng):
+    del rng
+    return jnp.mean((apply_fn({"params": params}, batch["x"]) - batch["y"])**2)
+
+  text = mpjax.make_train_step(loss_fn).lower(state, batch).compile().as_text()
+  return [line for line in text.splitlines()
+          if " copy(" in line and ("mu_" in line or "nu_" in line)]
+
+
+def test_mpjax_adam_takes_the_decision_so_no_donated_moment_is_copied():
+  dynamic = mpjax.DynamicScaling.like_torch()
+  for inner in (mpjax.adam(1e-3), mpjax.adamw(1e-3, weight_decay=0.0),
+                optax.chain(optax.clip_by_global_norm(1.0), mpjax.adam(1e-3))):
+    assert _moment_copies(mpjax.loss_scaled(inner, dynamic)) == []
+  # The negative control: around an opaque optax.adam the select path makes
+  # XLA:CPU copy each donated mu/nu leaf (4 params: 8 copies).
+  assert len(_moment_copies(mpjax.loss_scaled(optax.adam(1e-3),
+                                              dynamic))) == 8

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mpjax._src import fused_skip
+
 
 def one_minus_power(beta: float, count: jax.Array) -> jax.Array:
   """``1 - beta**count`` in float32 without cancellation (count int32 >= 1).
@@ -64,20 +66,42 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
         nu=optax.tree.zeros_like(params))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    # loss_scaled's skip decision, applied inside the moments' own update
+    # (mpjax._src.fused_skip): a skipped step keeps count, mu and nu bit for
+    # bit without a select over the donated state; an applied one computes
+    # exactly optax's expressions.
+    decision = fused_skip.FiniteDecision.from_extra_args(extra_args)
+    finite = None if decision is None else decision.finite
+    mu = jax.tree.map(
+        lambda g, m: fused_skip.moving_average(g, m, b1, finite),
+        updates, state.mu)
+    nu = jax.tree.map(
+        lambda g, v: fused_skip.moving_average(_abs_sq(g), v, b2, finite),
+        updates, state.nu)
     count = optax.safe_increment(state.count)
     c1, c2 = one_minus_power(b1, count), one_minus_power(b2, count)
     updates = jax.tree.map(
         lambda m, v: (m / c1.astype(m.dtype))
         / (jnp.sqrt(v / c2.astype(v.dtype) + eps_root) + eps), mu, nu)
-    return updates, optax.ScaleByAdamState(
+    if finite is not None:
+      updates = jax.tree.map(
+          lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+      count = jnp.where(finite, count, state.count)
+    new_state = optax.ScaleByAdamState(
         count=count, mu=optax.tree.cast(mu, mu_dtype),
         nu=optax.tree.cast_like(nu, state.nu))
+    if decision is not None:
+      decision.take(new_state)
+    return updates, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _abs_sq(g: jax.Array) -> jax.Array:
+  """``g**2``, or ``|g|**2`` for a complex `g` (optax's second moment)."""
+  return g**2 if jnp.isrealobj(g) else jnp.real(jnp.conj(g) * g)
 
 
 def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,

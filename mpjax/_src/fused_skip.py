@@ -28,18 +28,22 @@ state (MultiSteps selects it with its own ``where``) simply falls back to the
 select: correct either way, only the copies differ. A transformation that
 ignores the argument is selected as before.
 
-Example of a third-party transformation implementing it::
+Example of a third-party transformation implementing it (`moving_average`
+applies the decision inside the moment's own expression; a
+``where(finite, new, old)`` over the finished state would bring the copies
+back)::
 
     def update(updates, state, params=None, **extra_args):
       decision = mpjax.FiniteDecision.from_extra_args(extra_args)
-      new = ...  # the usual state update
+      finite = None if decision is None else decision.finite
+      mu = jax.tree.map(
+          lambda g, m: fused_skip.moving_average(g, m, 0.9, finite),
+          updates, state.mu)
+      updates, state = mu, State(mu=mu)
       if decision is not None:
-        new = jax.tree.map(lambda n, o: jnp.where(decision.finite, n, o),
-                           new, state)
-        updates = jax.tree.map(
-            lambda u: jnp.where(decision.finite, u, 0), updates)
-        decision.take(new)
-      return updates, new
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), updates)
+        decision.take(state)
+      return updates, state
 """
 
 from typing import Any, Dict, List, Optional
@@ -94,3 +98,37 @@ class FiniteDecision:
       return jax.tree.map(lambda n, o: jnp.where(self.finite, n, o), new, old)
 
     return jax.tree.map(pick, new_state, old_state, is_leaf=self.taken)
+
+
+def moving_average(term: chex.Array, average: chex.Array, decay: float,
+                   finite: Optional[chex.Array] = None) -> chex.Array:
+  """``(1 - decay) * term + decay * average``, or `average` on a skipped step.
+
+  optax's moment update (`optax.tree.update_moment` with ``term = g**order``)
+  with the skip decision applied inside the same elementwise expression:
+  a skipped step computes ``0 * (-0.0) + average``, which is `average` bit
+  for bit (``-0.0 + x`` is ``x`` for every x, -0.0 included), whatever
+  non-finite value `term` holds. Selecting the new average against the old
+  one instead makes two fusions read each donated moment while one
+  overwrites it, and XLA copies the buffer first. The average's term stays a
+  select, not a product, on purpose: XLA contracts ``a * b + c`` into one FMA
+  and so contracts the term's product, as in optax's expression, which keeps
+  an applied step bit-identical to `optax.tree.update_moment`'s.
+
+  Args:
+    term: the new term (``g``, ``g**2`` or ``|g|**2``), any floating or
+      complex dtype.
+    average: the running average, any dtype; the usual promotion applies
+      (a bfloat16 average with a float32 term gives a float32 result).
+    decay: a Python float in [0, 1).
+    finite: bool [] or None (no decision: optax's expression as is).
+
+  Returns:
+    The new average, in ``result_type(term, average)``.
+  """
+  if finite is None:
+    return (1 - decay) * term + decay * average
+  term = jnp.where(finite, term, jnp.asarray(-0.0, term.dtype))
+  weight = jnp.where(finite, jnp.asarray(1 - decay, term.dtype),
+                     jnp.zeros([], term.dtype))
+  return weight * term + jnp.where(finite, decay * average, average)
