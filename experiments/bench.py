@@ -72,7 +72,9 @@ MODELS = PEER_MODELS + ("resnet",)
 # flags (parsed before jax is imported).
 TARGETS = ("h100_sxm", "b200")
 POLICIES = ("float32_highest", "float32", "mixed_bfloat16", "mixed_float16",
-            "float16_static")
+            "float16_static", "fp8_delayed", "fp8_current")
+# The last two are bench_models.FP8_POLICIES: the gpu-compiled suite runs
+# them on the GPT language models only; the other suites ignore them.
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -333,6 +335,9 @@ def run_compiled(bench: "Bench") -> None:
     policies = [p for p in bench_models.POLICIES if p.name in a.policies]
     if spec.kind == "mlp":
       policies.append(bench_models.CONTROL)
+    if spec.kind == "lm" and spec.arch == "gpt":
+      policies += [p for p in bench_models.FP8_POLICIES
+                   if p.name in a.policies]
     for target in a.targets:
       for pol in policies:
         for variant in bench_compiled.variants(spec, pol, target):
@@ -430,7 +435,9 @@ def merge(dirs: List[str]) -> Dict[str, Any]:
       keyed[(r["model"], r["policy"], r["framework"], r["measurement"],
              v.get("variant"), v.get("target_name", v.get("target")))] = r
   env = dict(runs[0]["environment"])
-  env["commands"] = [run["environment"]["command"] for run in runs]
+  # A merged result lists its parts' commands: keep them one a line.
+  env["commands"] = [c for run in runs for c in run["environment"].get(
+      "commands", [run["environment"]["command"]])]
   env["command"] = " ; ".join(env["commands"])
   return {"environment": env, "records": list(keyed.values()),
           "skipped": sorted({s for run in runs for s in run.get("skipped", [])}),

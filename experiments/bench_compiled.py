@@ -15,8 +15,17 @@ default options, for the before/after) and ``fused-attention`` (the
 attention layers run `mpjax.fused_dot_product_attention`, cuDNN's flash
 attention on CUDA for 16-bit steps: mpjax's default island on CUDA since
 2026-12-02; needs cuDNN installed, else skipped with a line saying so).
+
+fp8 rows (policies ``fp8_delayed``, ``fp8_current``; the GPT language models
+only): the mixed_bfloat16 LM map with `mpjax.DelayedScaling()` /
+`mpjax.CurrentScaling()` on every Dense/DenseGeneral, as the LM examples
+train it; each record's ``fp8`` (`fp8_summary`) says whether every fp8
+layer's three GEMMs stayed fp8 through XLA:GPU, with fp8 FLOPs per format,
+and the report sets them against the mixed_bfloat16 row of the same
+variant and target.
 """
 
+import collections
 import functools
 import math
 import os
@@ -43,6 +52,7 @@ BATCH_TARGET = "h100_sxm"
 FIT_FRACTION = 0.75
 XLA_DEFAULTS: Dict[str, Any] = {"xla_allow_excess_precision": True}
 MIXED = ("mixed_bfloat16", "mixed_float16", "float16_static")
+SIXTEEN = ("bfloat16", "float16")
 GIB = 2.0**30
 
 
@@ -89,7 +99,7 @@ def variants(spec: ModelSpec, pol: PolicySpec, target: str) -> List[str]:
   out = ["island"]
   if spec.kind != "lm":
     return out
-  if pol.name in MIXED:
+  if pol.name in MIXED or pol.fp8 is not None:
     out.append("fused-attention")
   if (spec.name == "gpt2-124m" and target == BATCH_TARGET
       and pol.name in ("float32", "mixed_bfloat16")):
@@ -121,6 +131,65 @@ def _mfu(flops: int, seconds: float, target: str, compute: str,
   return flops / seconds / peak
 
 
+def _is_fp8(dtype: str) -> bool:
+  return dtype.startswith("float8")
+
+
+def fp8_summary(report: "mpjax.CompiledAudit", lowered: "mpjax.ProgramAudit",
+                fp8_layers: int) -> Dict[str, Any]:
+  """Whether every fp8 layer's matmuls stayed fp8 through XLA:GPU.
+
+  `lowered` is the same step's lowered program (what mpjax asked for: 3 fp8
+  dots per fp8 layer, forward, input gradient and kernel gradient); the
+  compiled program keeps them fp8 when its fp8 FLOPs equal the lowered
+  ones (XLA may merge GEMMs that share an fp8 operand, e.g. q/k/v: the
+  FLOPs, not the kernel count, must match) and no matmul kernel pairs an
+  fp8 operand with a 16-bit one (a dequantize-to-bf16 fallback would show
+  as 16-bit FLOPs above the lowered program's instead).
+  """
+  fp8 = [m for m in report.matmuls if _is_fp8(m.lhs_dtype)
+         and _is_fp8(m.rhs_dtype)]
+  half = [m for m in report.matmuls if _is_fp8(m.lhs_dtype)
+          != _is_fp8(m.rhs_dtype)]
+  others: Dict[str, int] = collections.Counter()
+  for m in report.matmuls:
+    if m not in fp8:
+      others[f"{m.implementation}: {m.lhs_dtype} x {m.rhs_dtype}"] += m.flops
+  by_format: Dict[str, int] = collections.Counter()
+  for m in fp8:
+    for d in {m.lhs_dtype, m.rhs_dtype}:
+      by_format[d] += m.flops
+  low = lowered.fp8_flops()
+  low_dots = [m for m in lowered.matmuls if _is_fp8(m.lhs_dtype)
+              and _is_fp8(m.rhs_dtype)]
+  sixteen = lambda ms: sum(m.flops for m in ms if m.lhs_dtype in SIXTEEN
+                           and m.rhs_dtype in SIXTEEN)
+  compiled_flops = sum(m.flops for m in fp8)
+  return {
+      "fp8_layers": fp8_layers,
+      "lowered_fp8_dots": len(low_dots),
+      "expected_fp8_dots": 3 * fp8_layers,
+      "fp8_gemms": len(fp8),
+      "fp8_flops_compiled": compiled_flops,
+      "fp8_flops_lowered": low.get("fp8", 0),
+      "fp8_flops_by_format_compiled": dict(by_format),
+      "fp8_flops_by_format_lowered": {k: v for k, v in low.items()
+                                      if k != "fp8"},
+      "fp8_share_compiled": compiled_flops / max(report.matmul_flops, 1),
+      "sixteen_bit_flops_compiled": sixteen(report.matmuls),
+      "sixteen_bit_flops_lowered": sixteen(lowered.matmuls),
+      "fp8_implementations": dict(collections.Counter(
+          m.implementation for m in fp8)),
+      "fp8_operand_pairs": sorted({f"{m.lhs_dtype} x {m.rhs_dtype}"
+                                   for m in fp8}),
+      "fp8_with_16bit_operand": len(half),
+      "other_matmul_flops": dict(others),
+      "every_fp8_layer_fp8": (len(low_dots) == 3 * fp8_layers
+                              and compiled_flops == low.get("fp8", 0)
+                              and not half),
+  }
+
+
 def measure(spec: ModelSpec, pol: PolicySpec, target: str,
             variant: str) -> Dict[str, Any]:
   """Compile, audit and project one step; a record's ``values``."""
@@ -129,6 +198,8 @@ def measure(spec: ModelSpec, pol: PolicySpec, target: str,
     start = time.perf_counter()
     report = mpjax.audit_for_target(step, state, batch, target=target)
     compile_s = time.perf_counter() - start
+    lowered = (mpjax.audit_program(step, state, batch)
+               if pol.fp8 is not None else None)
   projection = mpjax.project_compiled(report, target)
   seconds = projection["projected_step_s"]
   record = report.to_json()
@@ -159,6 +230,13 @@ def measure(spec: ModelSpec, pol: PolicySpec, target: str,
                               if spec.tokens_per_step else None),
       projected_mfu=_mfu(report.matmul_flops, seconds, target, compute,
                          pol.precision))
+  if lowered is not None:
+    # Matmul layers of the linen LM are the params' "kernel" leaves.
+    layers = sum(jax.tree_util.keystr(p).endswith("['kernel']")
+                 for p, _ in jax.tree_util.tree_leaves_with_path(
+                     state.params))
+    record.update(fp8=fp8_summary(report, lowered, layers),
+                  fp8_recipe=repr(pol.fp8))
   return record
 
 
@@ -313,6 +391,16 @@ def targets(records: List[dict]) -> List[Dict[str, Any]]:
         out.append({"target": f"{model} mixed_bfloat16 peak <= 0.55x "
                               f"float32 (H100, {variant})",
                     "met": ratio <= 0.55, "detail": f"{ratio:.3f}x"})
+  fp8 = [r for r in comp if "fp8" in r["values"]]
+  if fp8:
+    bad = [f"{r['model']}/{r['policy']}/{r['values']['variant']}/"
+           f"{r['values']['target_name']}" for r in fp8
+           if not r["values"]["fp8"]["every_fp8_layer_fp8"]]
+    out.append({"target": "every fp8 layer's forward and backward matmuls "
+                          "are fp8 GEMM kernels, no 16-bit fallback "
+                          "(GPU-compiled)", "met": not bad,
+                "detail": f"{len(fp8)} fp8 steps" if not bad else
+                ", ".join(bad)})
   search = {r["policy"] + "/" + r["values"]["variant"]: r["values"]
             for r in records if r["measurement"] == "largest_batch"}
   f32 = search.get("float32/island", {}).get("largest_batch")
@@ -395,6 +483,7 @@ def markdown(result: Dict[str, Any]) -> str:
                 "not a measurement)\n")
     text.append(_table(("policy", "variant", "target", "tokens/s", "MFU",
                         "vs float32_highest", "vs TF32"), speed))
+  text.extend(fp8_markdown(records))
   searches = [r for r in records if r["measurement"] == "largest_batch"]
   if searches:
     text.append("\n## Largest GPT-2 124M batch that fits an 80 GB H100 "
@@ -417,6 +506,67 @@ def markdown(result: Dict[str, Any]) -> str:
     text.append("\n## Not run\n\n" + "\n".join(
         f"- {s}" for s in result["skipped"]) + "\n")
   return "\n".join(text)
+
+
+def _same(records: List[dict], r: dict, policy: str) -> Optional[dict]:
+  """`policy`'s compiled record of `r`'s model, variant and target."""
+  x = r["values"]
+  return next((q["values"] for q in _compiled(records)
+               if q["model"] == r["model"] and q["policy"] == policy
+               and q["values"]["target_name"] == x["target_name"]
+               and q["values"]["variant"] == x["variant"]), None)
+
+
+def fp8_markdown(records: List[dict]) -> List[str]:
+  """The fp8 rows against mixed_bfloat16 (same model, variant, target)."""
+  rows = []
+  for r in _compiled(records):
+    x = r["values"]
+    if "fp8" not in x:
+      continue
+    f, base = x["fp8"], _same(records, r, "mixed_bfloat16")
+    gflop = lambda n: f"{n / 1e9:,.1f}"
+    pairs = collections.Counter()
+    for key, n in x["matmul_flops_by_dtype"].items():
+      if "float8" in key:
+        lhs, _, rhs = key.partition("*")
+        pairs[" x ".join(d.replace("float8_", "") for d in
+                         (lhs, rhs or lhs))] += n
+    t = x["projection"]["projected_step_s"]
+    rows.append((
+        r["model"], r["policy"], x["variant"], x["target_name"],
+        f"{x['memory']['peak_bytes'] / GIB:.3f}",
+        (f"{x['memory']['peak_bytes'] / base['memory']['peak_bytes']:.3f}x"
+         if base else "not run"),
+        f"{f['fp8_gemms']} ({f['lowered_fp8_dots']} lowered, "
+        f"{f['fp8_layers']} layers)",
+        ", ".join(f"{n} {k}" for k, n in sorted(
+            f["fp8_implementations"].items())),
+        ", ".join(f"{k}: {gflop(n)}" for k, n in sorted(pairs.items())),
+        f"{100 * f['fp8_share_compiled']:.1f}%",
+        f"{gflop(f['sixteen_bit_flops_compiled'])} / "
+        f"{gflop(f['sixteen_bit_flops_lowered'])}",
+        f["fp8_with_16bit_operand"],
+        "**yes**" if f["every_fp8_layer_fp8"] else "**no**",
+        f"{1e3 * t:.3f}",
+        (f"{base['projection']['projected_step_s'] / t:.2f}x" if base
+         else "not run")))
+  if not rows:
+    return []
+  return ["\n## fp8 rows (GPU-compiled; times are a projection, not a "
+          "measurement)\n\nThe mixed_bfloat16 LM map with an fp8 recipe on "
+          "every Dense/DenseGeneral (`lm_common.fp8_policy`); compared with the "
+          "mixed_bfloat16 row of the same model, variant and target. fp8 "
+          "GEMMs = compiled matmul kernels with two fp8 operands (XLA may "
+          "merge GEMMs that share an operand); every layer fp8 = the "
+          "lowered program has 3 fp8 dots per fp8 layer and the compiled "
+          "program's fp8 FLOPs equal them, with no fp8 x 16-bit kernel.\n",
+          _table(("model", "policy", "variant", "target", "peak GiB",
+                  "vs mixed_bfloat16", "fp8 GEMMs", "fp8 kernels",
+                  "fp8 GFLOP by operands", "fp8 share of matmul FLOPs",
+                  "16-bit GFLOP compiled / lowered", "fp8 x 16-bit kernels",
+                  "every layer fp8", "projected ms",
+                  "projected vs mixed_bfloat16"), rows)]
 
 
 def plots(result: Dict[str, Any], out_dir: str) -> List[str]:

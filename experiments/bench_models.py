@@ -167,6 +167,11 @@ class PolicySpec:
     overrides: `PolicyMap` entries; the negative control forces a layer to
       float32 on purpose.
     control: a deliberately wrong configuration the audit must flag.
+    fp8: an fp8 recipe (`mpjax.DelayedScaling`, `mpjax.CurrentScaling`)
+      for every matmul layer of the language model
+      (`lm_common.fp8_policy`, as the LM examples' fp8 configs: the
+      mixed_bfloat16 LM map plus the recipe on linen ``Dense`` and
+      ``DenseGeneral``), or None.
   """
   name: str
   policy: str
@@ -175,6 +180,7 @@ class PolicySpec:
   overrides: Tuple[Tuple[str, str], ...] = ()
   control: bool = False
   note: str = ""
+  fp8: Any = None
 
   @property
   def compute_dtype(self) -> str:
@@ -186,6 +192,11 @@ class PolicySpec:
     the LM examples run it; a `PolicyMap` for the ResNet (BatchNorm a float32
     island), as `resnet_common` runs it; the whole-model policy for the other
     classifiers."""
+    if spec.kind == "lm" and self.fp8 is not None:
+      if self.policy != "mixed_bfloat16":
+        raise ValueError(f"{self.name}: fp8 rows build on mixed_bfloat16 "
+                         f"(lm_common.fp8_policy), not {self.policy!r}.")
+      return lm_common.fp8_policy(self.fp8, "linen")
     if spec.kind == "lm":
       return lm_common.lm_policy(self.policy)
     if spec.kind == "resnet":
@@ -226,6 +237,20 @@ POLICIES = (
                     "compute on float32 master params with a fixed scale"),
 )
 
+# fp8 rows of the language models (gpu-compiled suite): the mixed_bfloat16
+# LM map with an fp8 recipe on every matmul layer, as the LM examples'
+# fp8_delayed / fp8_current configs train it.
+FP8_POLICIES = (
+    PolicySpec("fp8_delayed", "mixed_bfloat16", None,
+               fp8=mpjax.DelayedScaling(),
+               note="mixed_bfloat16 + fp8 DelayedScaling() on every Dense/"
+                    "DenseGeneral (e4m3 forward, e5m2 gradients)"),
+    PolicySpec("fp8_current", "mixed_bfloat16", None,
+               fp8=mpjax.CurrentScaling(),
+               note="mixed_bfloat16 + fp8 CurrentScaling() (per tensor) on "
+                    "every Dense/DenseGeneral"),
+)
+
 # The audit's negative control: the seed MLP's output layer forced to float32
 # inside a mixed_bfloat16 step; its matmul share must come out below 100%.
 CONTROL = PolicySpec(
@@ -247,8 +272,13 @@ def build(spec: ModelSpec, pol: PolicySpec, abstract: bool = False):
   batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
   model = spec.flax_model()
 
+  # An fp8 map creates the layers' fp8 state (the "_overwrite_with_gradient"
+  # collection) when the model is initialised under it.
+  init = (mpjax.with_policy(model.init, pol.policy_for(spec)) if pol.fp8
+          else model.init)
+
   def make(x):
-    variables = dict(model.init(jax.random.key(0), x[:1], **spec.init_kwargs))
+    variables = dict(init(jax.random.key(0), x[:1], **spec.init_kwargs))
     params = variables.pop("params")
     state = mpjax.TrainState.create(apply_fn=model.apply, params=params,
                                     model_state=variables or None,

@@ -197,8 +197,8 @@ def compiled_quick(tmp_path_factory):
   out = tmp_path_factory.mktemp("gpu_compiled")
   result, stdout = run_bench(
       out, "--suite", "gpu-compiled", "--quick", "--models", "gpt2-124m",
-      "--policies", "float32", "mixed_bfloat16", "--targets", "h100_sxm",
-      "--variants", "island", "fused-attention", timeout=900)
+      "--policies", "float32", "mixed_bfloat16", "fp8_delayed", "--targets",
+      "h100_sxm", "--variants", "island", "fused-attention", timeout=900)
   return result, stdout, out
 
 
@@ -208,7 +208,8 @@ def test_gpu_compiled_suite_compiles_audits_and_searches_on_a_cpu(
   compiled = [r for r in result["records"] if r["measurement"] == "compiled"]
   assert {(r["policy"], r["values"]["variant"]) for r in compiled} == {
       ("float32", "island"), ("mixed_bfloat16", "island"),
-      ("mixed_bfloat16", "fused-attention")}
+      ("mixed_bfloat16", "fused-attention"), ("fp8_delayed", "island"),
+      ("fp8_delayed", "fused-attention")}
   for r in compiled:
     v = r["values"]
     assert v["target_name"] == "h100_sxm" and v["memory"]["peak_bytes"] > 0
@@ -230,3 +231,24 @@ def test_gpu_compiled_suite_compiles_audits_and_searches_on_a_cpu(
   assert any("0.55x" in n for n in names)
   for name in ("results.md", "peak_memory.png", "batch_fit.png"):
     assert os.path.exists(os.path.join(out, name)), name
+
+
+def test_gpu_compiled_fp8_rows_prove_every_fp8_layer_runs_fp8_gemms(
+    compiled_quick):
+  result, _, out = compiled_quick
+  fp8 = [r for r in result["records"] if r["policy"] == "fp8_delayed"]
+  assert fp8
+  for r in fp8:
+    f = r["values"]["fp8"]
+    # quick GPT: 1 block = 6 fp8 layers (q, k, v, out, fc, proj) x 3 GEMMs
+    assert (f["fp8_layers"], f["lowered_fp8_dots"]) == (6, 18)
+    assert f["every_fp8_layer_fp8"] and f["fp8_with_16bit_operand"] == 0
+    assert f["fp8_flops_compiled"] == f["fp8_flops_lowered"] > 0
+    assert set(f["fp8_flops_by_format_compiled"]) == {"float8_e4m3fn",
+                                                      "float8_e5m2"}
+    # the tied output projection and the attention core stay 16-bit
+    assert f["sixteen_bit_flops_compiled"] == f["sixteen_bit_flops_lowered"]
+  target = next(t for t in result["targets"] if "fp8 layer" in t["target"])
+  assert target["met"] is True
+  with open(os.path.join(out, "results.md")) as fh:
+    assert "## fp8 rows" in fh.read()
