@@ -4,9 +4,12 @@ Started by tests/test_sharding.py in a subprocess (XLA_FLAGS must be set
 before jax is imported): data-parallel on (8,), FSDP on (2, 4) and a single
 device train the same model on the same batches, with float16 compute,
 dynamic loss scaling, and batches where one example, on one device's shard
-only, is inf; and a BatchNorm model whose running statistics are compared.
+only, is inf; a BatchNorm model whose running statistics are compared; and
+bfloat16 master weights trained with stochastic rounding, whose params,
+moments and rounding key are compared bit for bit.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -158,11 +161,89 @@ def batch_norm_compare():
   return out
 
 
+SR_STEPS, SR_SKIPPED = 4, 2
+
+
+def stochastic_rounding_compare():
+  """bfloat16 masters, `mpjax.adamw(rounding="stochastic")`, bfloat16
+  moments, through `loss_scaled` (the fused skip): single device and sharded.
+
+  The loss is linear in the params and the inputs small integers, so every
+  gradient is an exact sum (the same bits in any reduction order): what
+  remains to differ under a plan is the update itself, the rounding noise
+  included. Step `SR_SKIPPED` has an inf on the last data shard only.
+  """
+  model = nn.Dense(128)
+  rng = np.random.default_rng(0)
+  xs = rng.integers(-2, 3, (SR_STEPS, BATCH, FEATURES)).astype(np.float32)
+  xs[SR_SKIPPED, BATCH - 3, 5] = np.inf
+  ys = rng.integers(-1, 2, (SR_STEPS, BATCH, 128)).astype(np.float32)
+  policy = dataclasses.replace(mpjax.get_policy("float32"),
+                               param_dtype=jnp.bfloat16)
+
+  def loss_fn(params, batch, apply_fn, rng):
+    del rng
+    return jnp.mean(apply_fn({"params": params}, batch["x"]) * batch["y"])
+
+  def run(plan):
+    params = model.init(jax.random.key(0), jnp.ones((1, FEATURES)))["params"]
+    tx = mpjax.loss_scaled(
+        mpjax.adamw(1e-4, weight_decay=0.0, mu_dtype=jnp.bfloat16,
+                    nu_dtype=jnp.bfloat16, b2=0.95, rounding="stochastic",
+                    key=jax.random.key(3)),
+        mpjax.DynamicScaling(initial_scale=2.0**10, growth_interval=100))
+    state = mpjax.TrainState.create(apply_fn=model.apply, params=params,
+                                    tx=tx, policy=policy)
+    step = mpjax.make_train_step(loss_fn, sharding=plan)
+    if plan is not None:
+      state = plan.shard_state(state)
+    finite = []
+    for x, y in zip(xs, ys):
+      batch = {"x": x, "y": y}
+      state, metrics = step(state, batch if plan is None
+                            else plan.shard_batch(batch))
+      finite.append(bool(metrics["grads_finite"]))
+    inner = state.opt_state.inner_state
+    return state.params, inner, finite
+
+  def raw(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+  params0 = model.init(jax.random.key(0), jnp.ones((1, FEATURES)))["params"]
+  single = run(None)
+  out = {"single": {
+      "finite": single[2], "count": int(single[1].count),
+      "dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(single[:2])}),
+      # Updates mostly below half an ulp: only rounding up at random moves
+      # those params (round to nearest would leave them).
+      "changed_fraction": float(np.mean(np.concatenate([
+          (np.asarray(a, np.float32) != np.asarray(
+              jnp.asarray(b, jnp.bfloat16), np.float32)).ravel()
+          for a, b in zip(jax.tree.leaves(single[0]),
+                          jax.tree.leaves(params0))])))}}
+  for name, plan in (
+      ("data_parallel_8", mpjax.data_parallel(jax.make_mesh((8,), ("data",)))),
+      ("fsdp_2x4", mpjax.fsdp(jax.make_mesh((2, 4), ("data", "fsdp")))),
+      ("fsdp_8", mpjax.fsdp(jax.make_mesh((8,), ("fsdp",))))):
+    params, inner, finite = run(plan)
+    out[name] = {
+        "finite": finite,
+        "params_bit_equal": raw(params) == raw(single[0]),
+        "mu_nu_bit_equal": raw((inner.mu, inner.nu)) == raw(
+            (single[1].mu, single[1].nu)),
+        "key_count_bit_equal": raw((inner.key, inner.count)) == raw(
+            (single[1].key, single[1].count)),
+        "kernel_spec": str(params["kernel"].sharding.spec),
+    }
+  return out
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   print(json.dumps({"poisoned_steps": POISONED_STEPS, "steps": STEPS,
                     **{p: compare(p) for p in ("float32", "mixed_float16")},
-                    "batch_norm": batch_norm_compare()}))
+                    "batch_norm": batch_norm_compare(),
+                    "stochastic_rounding": stochastic_rounding_compare()}))
 
 
 if __name__ == "__main__":

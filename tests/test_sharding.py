@@ -114,3 +114,22 @@ def test_leaf_spec_picks_the_largest_divisible_dimension():
   assert plan.leaf_spec((3,)) == jax.sharding.PartitionSpec()
   assert mpjax.data_parallel(jax.make_mesh((1,), ("data",))).leaf_spec(
       (1024, 1024)) == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_sharded_stochastic_rounding_equals_single_device_bit_for_bit(
+    results, name):
+  # bfloat16 masters and moments, adamw(rounding="stochastic") under
+  # loss_scaled; exact gradients, so only the update could differ.
+  single = results["stochastic_rounding"]["single"]
+  run = results["stochastic_rounding"][name]
+  assert single["finite"] == [True, True, False, True]  # step 2 skipped
+  assert run["finite"] == single["finite"]
+  assert single["count"] == 3  # the skipped step does not count
+  assert single["dtypes"] == ["bfloat16", "int32", "uint32"]
+  assert 0.05 < single["changed_fraction"] < 0.95, single
+  assert run["params_bit_equal"], name
+  assert run["mu_nu_bit_equal"], name
+  assert run["key_count_bit_equal"], name
+  assert run["kernel_spec"] == ("P()" if name == "data_parallel_8"
+                                else "P(None, 'fsdp')")

@@ -38,15 +38,16 @@ def is_low_precision(dtype) -> bool:
 
 
 def round_to(x: chex.Array, dtype, rounding: str,
-             key: Optional[jax.Array]) -> chex.Array:
-  """Rounds float32 `x` to `dtype`: to nearest, or stochastically (bfloat16)."""
+             seed: Optional[jax.Array]) -> chex.Array:
+  """Rounds float32 `x` to `dtype`: to nearest, or stochastically (bfloat16)
+  with the noise of `seed` (uint32 [2], `stochastic_rounding.random_bits16`)."""
   if rounding == "stochastic" and jnp.dtype(dtype) != jnp.float32:
-    return stochastic_rounding.stochastic_round(x, key, dtype)
+    return stochastic_rounding.round_with_seed(x, seed, dtype)
   return x.astype(dtype)
 
 
 def write_back(param: chex.Array, update: chex.Array, *, rounding: str,
-               key: Optional[jax.Array] = None,
+               seed: Optional[jax.Array] = None,
                compensation: Optional[chex.Array] = None,
                finite: Optional[chex.Array] = None
                ) -> Tuple[chex.Array, Optional[chex.Array]]:
@@ -55,9 +56,10 @@ def write_back(param: chex.Array, update: chex.Array, *, rounding: str,
   Args:
     param: one leaf of the params, any floating dtype.
     update: float32, shaped like `param`: the exact update to add.
-    rounding: ``"nearest"``, ``"stochastic"`` (needs `key`) or ``"kahan"``
+    rounding: ``"nearest"``, ``"stochastic"`` (needs `seed`) or ``"kahan"``
       (needs `compensation`). Only 16-bit params are rounded.
-    key: PRNG key of this leaf and step.
+    seed: uint32 [2], the rounding seed of this leaf and step
+      (`stochastic_rounding.stream_seed`).
     compensation: the Kahan buffer, `param`'s dtype and shape: what earlier
       steps added in float32 but rounding dropped.
     finite: bool [] or None: False leaves the param and the buffer as they
@@ -79,7 +81,7 @@ def write_back(param: chex.Array, update: chex.Array, *, rounding: str,
         (target - new.astype(jnp.float32)).astype(compensation.dtype),
         compensation)
   else:
-    new = round_to(p32 + update, param.dtype, rounding, key)
+    new = round_to(p32 + update, param.dtype, rounding, seed)
   # Selecting the update, not the param: the donated param is read once.
   delta = new.astype(jnp.float32) - p32
   return skip(delta, jnp.zeros_like(delta)), compensation
