@@ -560,7 +560,9 @@ def fp8_markdown(records: List[dict]) -> List[str]:
           "GEMMs = compiled matmul kernels with two fp8 operands (XLA may "
           "merge GEMMs that share an operand); every layer fp8 = the "
           "lowered program has 3 fp8 dots per fp8 layer and the compiled "
-          "program's fp8 FLOPs equal them, with no fp8 x 16-bit kernel.\n",
+          "program's fp8 FLOPs equal them, with no fp8 x 16-bit kernel. "
+          "(The compiled-steps table's MFU for these rows is against the "
+          "bfloat16 peak.)\n",
           _table(("model", "policy", "variant", "target", "peak GiB",
                   "vs mixed_bfloat16", "fp8 GEMMs", "fp8 kernels",
                   "fp8 GFLOP by operands", "fp8 share of matmul FLOPs",
