@@ -337,7 +337,8 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
     preferred_element_type: the output dtype (default: the operands' result
       type, e.g. bfloat16 for bfloat16 operands). Accumulation is float32
       regardless.
-    recipe: `DelayedScaling` or `CurrentScaling`.
+    recipe: `DelayedScaling`, `CurrentScaling` or `MXScaling` (MXFP8:
+      `mpjax.mxfp8_dot_general`).
     state: with `DelayedScaling`, the layer's fp8 state
       (``recipe.init_state()`` or its updated value); its gradient is the
       updated state. None with `CurrentScaling`. A state used by several

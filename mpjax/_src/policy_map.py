@@ -62,7 +62,8 @@ that knows only whole-model policies (``policy_name``, ``TrainState``) treats
 it as its default.
 
 **FP8 entries.** An entry's value may be an fp8 recipe
-(`mpjax.DelayedScaling`, `mpjax.CurrentScaling`) instead of a policy:
+(`mpjax.DelayedScaling`, `mpjax.CurrentScaling`, `mpjax.MXScaling`) instead
+of a policy:
 ``{nn.Dense: mpjax.DelayedScaling()}`` or ``{"**/mlp/*": ...}``. A matched
 matmul layer (`islands.FP8_LAYERS`: Dense, DenseGeneral, Einsum; NNX
 Linear, LinearGeneral, Einsum) runs its matmul in fp8 (`mpjax._src.fp8_dot`)
@@ -192,7 +193,8 @@ def _to_policy(key: EntryKey, value: Any) -> Any:
         f"{type(value).__name__}) is not a policy; expected a preset name "
         f"{sorted(policy_lib.PRESETS)}, a jmp policy string such as "
         "'p=f32,c=bf16,o=bf16', a jmp.Policy, or an fp8 recipe "
-        "(mpjax.DelayedScaling(), mpjax.CurrentScaling()).")
+        "(mpjax.DelayedScaling(), mpjax.CurrentScaling(), "
+        "mpjax.MXScaling()).")
   try:
     return policy_lib.get_policy(value)
   except (TypeError, ValueError) as e:
