@@ -8,7 +8,7 @@ Every other flag is the LM examples' (``python experiments/lm_linen.py
 --help``); each API's run exits with an error if an fp8 run's validation
 loss is more than ``--max-fp8-gap-pct`` (1.5%) from mixed_bfloat16's.
 
-Command (about 2 x 5 minutes on 2 shared CPU cores)::
+Command (1.5 to 4 minutes per API on 2 shared CPU cores, measured 2026-12-02)::
 
   python experiments/fp8_lm.py --json 'benchmarks/fp8/lm_{api}_cpu.json' \\
       --metrics 'benchmarks/fp8/lm_{api}_metrics.jsonl'

@@ -14,8 +14,7 @@ Command (from the repository root, after `pip install -e .`):
 
   python experiments/lm_linen.py                 # ~1.5 min on 2 CPU cores
   python experiments/lm_linen.py --model gpt2-124m --seq-len 1024  # GPU-sized
-  python experiments/lm_linen.py --configs mixed_bfloat16 fp8_delayed \
-      fp8_current                                # fp8 matmuls vs bfloat16
+  python experiments/lm_linen.py --configs mixed_bfloat16 fp8_delayed fp8_current
 
 Expected with the defaults (2 layers x 64, 4 heads, seq 64, batch 16, 600
 steps, Adam 3e-3 with warm-up and cosine decay, 120,576 params): validation
@@ -24,6 +23,11 @@ float32 (measured +0.70% bfloat16, +0.23% float16 on CPU; the script exits
 with an error beyond 2%), at most a few skipped steps in mixed_float16 (1,
 scale 65536 -> 32768). tokens/s on a CPU says little: XLA:CPU computes
 float16 and bfloat16 matmuls by converting to float32.
+
+Measured in fp8 (``--configs mixed_bfloat16 fp8_delayed fp8_current``,
+2026-12-02 on CPU):
+validation loss -0.93% (delayed) and -0.01% (current) from mixed_bfloat16's,
+75% of the matmul FLOPs in fp8 (docs/fp8.md).
 """
 
 import os

@@ -23,7 +23,10 @@ params and attributes (``einsum_str``, ``shape``, ``use_bias``, ``dtype``,
 (the updated scales and histories) its new value. A layer called more than
 once in one traced function (a shared layer) chains its calls
 (`fp8_dot.fp8_dot_general_chained`): the state's new value is the max over
-the calls (the history takes the largest amax), not their sum.
+the calls (the history takes the largest amax), not their sum. Calls that
+each run in their own lifted transform (``nn.remat(nn.Dense)`` called twice:
+every call is a separate trace with its own copy of the state) are not
+chained, and their updates still add.
 """
 
 import dataclasses
