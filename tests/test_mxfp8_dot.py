@@ -220,3 +220,22 @@ def test_mxscaling_policy_map_entry_runs_dense_and_linear_in_mxfp8():
 def test_mxscaling_rejects_an_unknown_format():
   with pytest.raises(ValueError, match="unknown format 'e5m2'"):
     mpjax.MXScaling(format="e5m2")
+
+
+def test_mxscaling_entry_on_einsum_layers_is_mxfp8_dot_general():
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(5), (8, 64))
+  layer = nn.Einsum((64, 32), "bk,kn->bn", use_bias=False)
+  variables = layer.init(jax.random.key(1), x)
+  pm = mpjax.PolicyMap("mixed_bfloat16", {nn.Einsum: mpjax.MXScaling()})
+  got = jax.jit(mpjax.with_policy(layer.apply, pm))(variables, x)
+  kernel = variables["params"]["kernel"]
+  nnx_layer = nnx.Einsum("bk,kn->bn", (64, 32), rngs=nnx.Rngs(0))
+  mpjax.with_nnx_policy(nnx_layer, mpjax.PolicyMap(
+      "mixed_bfloat16", {nnx.Einsum: mpjax.MXScaling()}))
+  for out, k in ((got, kernel), (nnx_layer(x), nnx_layer.kernel[...])):
+    want = mpjax.mxfp8_dot_general(x.astype(jnp.bfloat16),
+                                   k.astype(jnp.bfloat16), DENSE)
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(want, np.float32))
