@@ -143,4 +143,5 @@ def test_the_flags_names_match_the_configurations():
   assert set(fp8_lm.CONFIGS) <= set(cli.LM_CONFIGS)
   import bench  # pylint: disable=g-import-not-at-top
   assert bench.TARGETS == bench.bench_compiled.TARGETS
-  assert bench.POLICIES == tuple(p.name for p in bench.bench_models.POLICIES)
+  assert bench.POLICIES == tuple(p.name for p in (
+      bench.bench_models.POLICIES + bench.bench_models.FP8_POLICIES))
