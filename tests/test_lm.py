@@ -75,7 +75,7 @@ TINY = ["--steps", "6", "--layers", "1", "--d-model", "16", "--heads", "2",
 # A few configurations per API keep this fast; every one runs in the
 # experiments themselves.
 @pytest.mark.parametrize("script,configs", [
-    (lm_linen, ["float32", "mixed_float16", "fp8_delayed"]),
+    (lm_linen, ["float32", "fp8_delayed"]),  # mixed_float16: the resume test
     (lm_nnx, ["mixed_bfloat16", "fp8_delayed"])], ids=["linen", "nnx"])
 def test_script_trains_and_writes_its_table(script, configs, tmp_path, capsys):
   path = tmp_path / "lm.json"
