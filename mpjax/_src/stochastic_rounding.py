@@ -22,20 +22,22 @@ uint32, and the high 16 bits of the result are the noise.
 - Deterministic for a seed and sharding-invariant: the noise of an element
   depends only on the seed and its index (an iota), so every sharding of the
   array computes the same bits with no communication.
-- Cheap to compile: about 12 elementwise integer operations per element,
+- Cheap to compile: about 15 elementwise integer operations per element,
   where threefry2x32 unrolls to over a hundred. Measured on GPT-2 124M's
   optimizer update compiled for an H100 (``experiments/
-  stochastic_rounding_bench.py``, benchmarks/README.md): XLA:GPU's priority
+  stochastic_rounding_bench.py``, docs/optimizer_precision.md): XLA:GPU's priority
   fusion pass and the kernels' code generation spent most of the compile on
   the per-leaf threefry chains and ``fold_in`` keys, growing faster than
-  the operation count; a second round of the mixer still doubled the
-  rounding's compile time, so there is one.
-- Why not one ``jax.random.bits`` for all leaves, sliced per leaf: the
-  sliced bits are one buffer of the total element count (4 bytes per
-  parameter, ~500 MB for GPT-2 124M) that XLA materialises and every leaf
-  reads back, and under a sharding plan a flat buffer sliced and reshaped
-  into each leaf's sharded shape needs resharding (collectives); the counter
-  hash stays inside each leaf's own elementwise update.
+  the operation count; a second round of the mixer more than doubled the
+  update's compile time, so there is one.
+- Why not one ``jax.random.bits`` for all leaves, sliced per leaf: compiled
+  for an H100, XLA:GPU does not materialise the flat draw (which would cost
+  4 bytes per parameter) but fuses it into every leaf's update, re-emitting
+  the threefry chain per slice, so it still compiled about twice as slowly
+  as the counter hash (GPT-2 124M's optimizer update, a scratch variant);
+  and under a sharding plan a flat draw must be laid out to match each
+  leaf's sharding, which the counter hash, computed from each leaf's own
+  iota, avoids by construction.
 
 Indices are taken modulo 2**32: a leaf of more than 2**32 elements repeats
 its noise with that period (each element's rounding stays unbiased).
