@@ -7,6 +7,7 @@ PyTorch's and Keras's semantics, and a jit-compiled Flax train step.
 from mpjax import numerics
 from mpjax._src.adam import adam
 from mpjax._src.fused_skip import FiniteDecision
+from mpjax._src.fused_skip import moving_average
 from mpjax._src.optimizers import AdamWState
 from mpjax._src.optimizers import SGDState
 from mpjax._src.optimizers import adamw
@@ -104,6 +105,7 @@ __all__ = (
     "DynamicScaling",
     "FAITHFUL_ROUNDING",
     "FiniteDecision",
+    "moving_average",
     "ForwardReport",
     "GpuCompileUnavailableError",
     "GpuTarget",

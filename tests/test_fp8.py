@@ -367,3 +367,16 @@ def test_lowered_matmuls_are_all_fp8_with_float32_results():
   assert report.fp8_flops() == {"float8_e4m3fn": 3 * per_matmul,
                                 "float8_e5m2": 2 * per_matmul,
                                 "fp8": 3 * per_matmul}
+
+
+def test_amax_of_a_large_operand_with_one_nan_is_not_finite():
+  # XLA:CPU's vectorized max reduction (>= 4096 elements) drops NaN.
+  from mpjax._src import fp8 as fp8_lib  # pylint: disable=g-import-not-at-top
+  from mpjax._src import mxfp8_dot  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((64, 128)).at[3, 5].set(jnp.nan)
+  assert not bool(jnp.isfinite(jax.jit(fp8_lib.amax_of)(x)))
+  _, scale = jax.jit(mxfp8_dot.mxfp8_quantize)(jnp.ones((512, 256)).at[
+      100, 40].set(jnp.nan))
+  scale = np.asarray(scale.astype(jnp.float32))
+  assert np.isnan(scale[100, 1]) and np.isfinite(np.delete(
+      scale.reshape(-1), 100 * 8 + 1)).all()

@@ -331,6 +331,37 @@ def test_finite_flags_with_a_scale_equal_the_flags_of_the_unscaled_tree(
   assert not bool(mpjax.finite_flags(tree, jnp.float32(0.5))[3])  # "over"
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+@pytest.mark.parametrize("scaling", [
+    mpjax.StaticScaling(4.0),  # scale >= 1: the raw gradients are checked
+    mpjax.DynamicScaling(initial_scale=4.0, growth_interval=10,
+                         min_scale=2.0**-10)])  # the unscaled ones
+def test_one_bad_element_of_a_large_leaf_skips_the_jitted_update(
+    bad, scaling):
+  # XLA:CPU's vectorized reductions kick in from 4096 elements; its max
+  # drops NaN, which a max-based check would let through.
+  params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(3)}
+  tx = mpjax.loss_scaled(optax.adam(1e-3), scaling)
+  state = tx.init(params)
+  for position in [(0, 5), (31, 64), (63, 127)]:
+    grads = {"w": jnp.ones((64, 128)).at[position].set(bad),
+             "b": jnp.ones(3)}
+    updates, new = jax.jit(tx.update)(grads, state, params)
+    assert int(new.skipped_steps) == 1, position
+    assert new.leaf_grads_finite.tolist() == [True, False]  # b, w
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like,
+                                                      params))
+    assert not bool(jax.jit(mpjax.finite_flags)(grads)[1])
+
+
+def test_a_finite_gradient_that_unscaling_overflows_is_skipped():
+  params = {"w": jnp.zeros(8192)}
+  tx = mpjax.loss_scaled(optax.sgd(1.0), mpjax.StaticScaling(0.5))
+  grads = {"w": jnp.ones(8192).at[7].set(jnp.finfo(jnp.float32).max)}
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert int(state.skipped_steps) == 1
+
+
 def test_unscaling_multiplies_by_the_reciprocal_even_above_two_to_126():
   g = jnp.array([3.0 * 2.0**100, 1.5 * 2.0**30, -2.0**120], jnp.float32)
   for scale in (2.0**127, 2.0**16, 1.0, 2.0**-20):

@@ -61,7 +61,7 @@ CONFIGS = {
     "bf16-nearest": dict(mu_dtype=BF16, nu_dtype=BF16),
 }
 PARAM_DTYPES = {"f32": jnp.float32, "bf16-moments": jnp.float32,
-                "mpjax.adam": jnp.float32}
+                "mpjax.adam": jnp.float32, "mpjax.adam-bf16-mu": jnp.float32}
 
 
 def adamw(name, **kwargs):
@@ -231,6 +231,8 @@ def _fused_step(tx, grads, state, params, finite):
 def _make(name):
   if name == "mpjax.adam":
     return mpjax.adam(1e-2, b2=0.99)
+  if name == "mpjax.adam-bf16-mu":  # a 16-bit moment and float32 gradients
+    return mpjax.adam(1e-2, b2=0.99, mu_dtype=BF16)
   if name.startswith("sgd"):
     return mpjax.sgd(1e-1, momentum=0.9, mu_dtype=BF16,
                      rounding=name.split("-")[1],
@@ -239,7 +241,7 @@ def _make(name):
 
 
 NAMES = ["f32", "bf16-moments", "bf16-sr", "bf16-kahan", "sgd-stochastic",
-         "mpjax.adam"]
+         "mpjax.adam", "mpjax.adam-bf16-mu"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -8,8 +8,12 @@ difference is tiny but it flips a ReLU now and then, after which runs that
 should match drift apart (tests/conformance/test_adam_numerics.py). Here the
 corrections are ``-expm1(t * log(beta))`` with ``log(beta)`` taken in float64
 on the host, accurate to an ulp or two in float32. Everything else is optax's
-Adam: the same moments (`optax.tree.update_moment`), the same state
-(`optax.ScaleByAdamState`), eps in the same place.
+Adam: the same moment expressions, the same state (`optax.ScaleByAdamState`),
+eps in the same place; one more difference with a 16-bit ``mu_dtype`` and
+float32 gradients (what `loss_scaled` passes): the moment is updated in
+float32 (``b1 * mu`` with b1 exact, where optax rounds b1 to the moment's
+dtype: 0.9 is 0.8984375 in bfloat16) and stored back in its dtype. `loss_scaled`'s skip decision is applied inside the moments' own
+update (`mpjax._src.fused_skip`).
 """
 
 import math
@@ -51,7 +55,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     b1, b2: decay rates of the first and second moments, in [0, 1).
     eps: added to ``sqrt(nu_hat)`` (outside the root, as optax and torch do).
     eps_root: added to ``nu_hat`` inside the root.
-    mu_dtype: dtype of the first moment (None: the params' dtype).
+    mu_dtype: storage dtype of the first moment (None: the params' dtype);
+      with float32 gradients a 16-bit one is updated in float32 and rounded
+      to it once per step.
 
   Returns:
     A transformation whose state is an `optax.ScaleByAdamState` (int32 count,

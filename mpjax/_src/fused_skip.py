@@ -28,7 +28,7 @@ state (MultiSteps selects it with its own ``where``) simply falls back to the
 select: correct either way, only the copies differ. A transformation that
 ignores the argument is selected as before.
 
-Example of a third-party transformation implementing it (`moving_average`
+Example of a third-party transformation implementing it (`mpjax.moving_average`
 applies the decision inside the moment's own expression; a
 ``where(finite, new, old)`` over the finished state would bring the copies
 back)::
@@ -37,7 +37,7 @@ back)::
       decision = mpjax.FiniteDecision.from_extra_args(extra_args)
       finite = None if decision is None else decision.finite
       mu = jax.tree.map(
-          lambda g, m: fused_skip.moving_average(g, m, 0.9, finite),
+          lambda g, m: mpjax.moving_average(g, m, 0.9, finite),
           updates, state.mu)
       updates, state = mu, State(mu=mu)
       if decision is not None:
@@ -111,23 +111,34 @@ def moving_average(term: chex.Array, average: chex.Array, decay: float,
   non-finite value `term` holds. Selecting the new average against the old
   one instead makes two fusions read each donated moment while one
   overwrites it, and XLA copies the buffer first. The average's term stays a
-  select, not a product, on purpose: XLA contracts ``a * b + c`` into one FMA
-  and so contracts the term's product, as in optax's expression, which keeps
-  an applied step bit-identical to `optax.tree.update_moment`'s.
+  select, not a product, on purpose: XLA contracts ``a * b + c`` into one
+  FMA and so contracts the term's product, as without a decision, which
+  keeps an applied step bit-identical to the expression without one.
+
+  `average` is first converted to the result dtype (float32 for a 16-bit
+  moment and float32 gradients), so ``decay * average`` is computed there in
+  both cases; optax instead multiplies a 16-bit moment by the decay rounded
+  to its dtype (0.9 is 0.8984375 in bfloat16), and how XLA rounds that
+  product depends on its excess-precision option, which would make the two
+  paths differ. Complex terms are selected after the fact (the product with
+  a zero weight would lose the sign of a -0.0 part).
 
   Args:
     term: the new term (``g``, ``g**2`` or ``|g|**2``), any floating or
       complex dtype.
-    average: the running average, any dtype; the usual promotion applies
-      (a bfloat16 average with a float32 term gives a float32 result).
+    average: the running average, any floating or complex dtype.
     decay: a Python float in [0, 1).
-    finite: bool [] or None (no decision: optax's expression as is).
+    finite: bool [] or None (no decision: the plain moving average).
 
   Returns:
     The new average, in ``result_type(term, average)``.
   """
+  dtype = jnp.result_type(term, average)
+  average = average.astype(dtype)
   if finite is None:
     return (1 - decay) * term + decay * average
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.where(finite, (1 - decay) * term + decay * average, average)
   term = jnp.where(finite, term, jnp.asarray(-0.0, term.dtype))
   weight = jnp.where(finite, jnp.asarray(1 - decay, term.dtype),
                      jnp.zeros([], term.dtype))

@@ -99,7 +99,7 @@ def mxfp8_quantize(x: jax.Array, dtype: Any = "e4m3"
                      f"multiple of {BLOCK}.")
   blocks = jnp.asarray(x, jnp.float32).reshape(x.shape[:-1] +
                                                (k // BLOCK, BLOCK))
-  amax = jnp.max(jnp.abs(blocks), axis=-1)
+  amax = fp8_lib.max_abs(blocks, axis=-1)  # inf for a block with a NaN
   exp = block_exponent(amax, dtype)
   scale = jnp.where(jnp.isfinite(amax), jnp.ldexp(jnp.float32(1.0), exp),
                     jnp.nan)  # exact powers of two
@@ -219,6 +219,12 @@ def mxfp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
     raise ValueError("mxfp8_dot_general: blocks run along a contracting "
                      "dimension; got none in dimension_numbers "
                      f"{dimension_numbers!r}.")
+  empty = [d for d in dims[0][0] if jnp.shape(lhs)[d] == 0]
+  if empty:
+    raise ValueError("mxfp8_dot_general: a contracting dimension has size 0 "
+                     f"(lhs shape {jnp.shape(lhs)}, contracting dims "
+                     f"{dims[0][0]}); the product is all zeros: compute it "
+                     "without fp8.")
   out_dtype = jnp.dtype(preferred_element_type if preferred_element_type
                         is not None else jnp.result_type(lhs, rhs))
   return _mx(lhs, rhs, dims, format, out_dtype)
