@@ -115,8 +115,24 @@ def _check_format(name: str, fmt: Any) -> None:
                      "e5m2 gradients).")
 
 
+class _Formats:
+  """What the recipes share: their formats, and no state unless they say."""
+
+  format: str
+
+  @property
+  def dtypes(self) -> Tuple[Any, Any]:
+    """(dtype of the forward operands, dtype of the output gradients)."""
+    fwd, bwd = _RECIPE_FORMATS[self.format]
+    return FORMATS[fwd], FORMATS[bwd]
+
+  def init_state(self) -> Dict[str, jax.Array]:
+    """The recipe's state: ``{}`` (current scaling and MXFP8 keep none)."""
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
-class DelayedScaling:
+class DelayedScaling(_Formats):
   """Delayed scaling from an amax history (Transformer Engine's recipe).
 
   Attributes:
@@ -148,12 +164,6 @@ class DelayedScaling:
           f"DelayedScaling: unknown amax_reduction {self.amax_reduction!r}; "
           f"known: {list(_REDUCTIONS)}.")
     _check_format("DelayedScaling", self.format)
-
-  @property
-  def dtypes(self) -> Tuple[Any, Any]:
-    """(dtype of the forward operands, dtype of the output gradients)."""
-    fwd, bwd = _RECIPE_FORMATS[self.format]
-    return FORMATS[fwd], FORMATS[bwd]
 
   def init_state(self) -> Dict[str, jax.Array]:
     """A fresh state of one fp8 matmul: scales 1, histories 0 (float32).
@@ -206,7 +216,7 @@ class DelayedScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class CurrentScaling:
+class CurrentScaling(_Formats):
   """Current (just-in-time) scaling: each tensor's own amax sets its scale.
 
   Attributes:
@@ -230,16 +240,6 @@ class CurrentScaling:
           f"known: {list(_GRANULARITIES)}.")
     _check_format("CurrentScaling", self.format)
 
-  @property
-  def dtypes(self) -> Tuple[Any, Any]:
-    """(dtype of the forward operands, dtype of the output gradients)."""
-    fwd, bwd = _RECIPE_FORMATS[self.format]
-    return FORMATS[fwd], FORMATS[bwd]
-
-  def init_state(self) -> Dict[str, jax.Array]:
-    """Current scaling keeps no state: ``{}``."""
-    return {}
-
   def quantize(self, x: jax.Array, dtype: Any,
                contracting: Tuple[int, ...]) -> Tuple[jax.Array, jax.Array]:
     """``(q, scale)``: `x` quantized with its own amax.
@@ -256,7 +256,7 @@ class CurrentScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class MXScaling:
+class MXScaling(_Formats):
   """MXFP8 (OCP microscaling): one e8m0 power-of-two scale per 32 elements.
 
   A layer under it runs `mpjax.mxfp8_dot_general` (see `mpjax._src.
@@ -274,16 +274,6 @@ class MXScaling:
 
   def __post_init__(self):
     _check_format("MXScaling", self.format)
-
-  @property
-  def dtypes(self) -> Tuple[Any, Any]:
-    """(dtype of the forward operands, dtype of the output gradients)."""
-    fwd, bwd = _RECIPE_FORMATS[self.format]
-    return FORMATS[fwd], FORMATS[bwd]
-
-  def init_state(self) -> Dict[str, jax.Array]:
-    """MXFP8 keeps no state: ``{}``."""
-    return {}
 
 
 Recipe = Union[DelayedScaling, CurrentScaling, MXScaling]
