@@ -364,7 +364,7 @@ def test_a_finite_gradient_that_unscaling_overflows_is_skipped():
 
 def test_unscaling_multiplies_by_the_reciprocal_even_above_two_to_126():
   g = jnp.array([3.0 * 2.0**100, 1.5 * 2.0**30, -2.0**120], jnp.float32)
-  for scale in (2.0**127, 2.0**16, 1.0, 2.0**-20):
+  for scale in (2.0**127, 2.0**16, 1.0, 2.0**-6):
     want = np.asarray(g, np.float64) / scale  # exact: powers of two
     got = jax.jit(mpjax.unscale_gradients)(g, jnp.float32(scale))
     np.testing.assert_array_equal(np.asarray(got, np.float64),
