@@ -19,9 +19,9 @@ Command (from the repository root, after `pip install -e .`):
 Expected with the defaults (2 layers x 64, 4 heads, seq 64, batch 16, 600
 steps, Adam 3e-3 with warm-up and cosine decay, 120,576 params): validation
 loss about 2.04 nats/byte in every configuration, the mixed ones within 2% of
-float32 (measured +0.70% bfloat16, +0.23% float16 on CPU; the script exits
-with an error beyond 2%), at most a few skipped steps in mixed_float16 (1,
-scale 65536 -> 32768). tokens/s on a CPU says little: XLA:CPU computes
+float32 (measured +0.45% bfloat16, +0.20% float16 on CPU, 2026-12-02; the
+script exits with an error beyond 2%), at most a few skipped steps in
+mixed_float16 (1, scale 65536 -> 32768). tokens/s on a CPU says little: XLA:CPU computes
 float16 and bfloat16 matmuls by converting to float32.
 
 Measured in fp8 (``--configs mixed_bfloat16 fp8_delayed fp8_current``,
