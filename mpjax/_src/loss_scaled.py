@@ -160,7 +160,12 @@ def loss_scaled(inner: optax.GradientTransformation,
   where ``scale`` is `current_loss_scale(state)` (use `scale_loss`). It
 
   1. unscales the gradients in float32 with that same scale;
-  2. decides once, over all leaves, whether they are all finite;
+  2. decides once, over all leaves, whether they are all finite (with a
+     scaling whose scale never falls below 1, the default, this is read
+     off the gradients as given, since unscaling them then cannot
+     overflow; so the state's scale is taken to be one `scaling`
+     produced: a state edited to a scale below its ``min_scale`` is not
+     supported);
   3. finite: runs `inner` on the unscaled float32 gradients (so a
      `clip_by_global_norm` inside `inner` sees the true gradients);
      non-finite: returns zero updates and the inner state bit-identical (an
