@@ -12,8 +12,9 @@ Adam: the same moment expressions, the same state (`optax.ScaleByAdamState`),
 eps in the same place; one more difference with a 16-bit ``mu_dtype`` and
 float32 gradients (what `loss_scaled` passes): the moment is updated in
 float32 (``b1 * mu`` with b1 exact, where optax rounds b1 to the moment's
-dtype: 0.9 is 0.8984375 in bfloat16) and stored back in its dtype. `loss_scaled`'s skip decision is applied inside the moments' own
-update (`mpjax._src.fused_skip`).
+dtype: 0.9 is 0.8984375 in bfloat16) and stored back in its dtype.
+`loss_scaled`'s skip decision is applied inside the moments' own update
+(`mpjax._src.fused_skip`).
 """
 
 import math
@@ -77,7 +78,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     # loss_scaled's skip decision, applied inside the moments' own update
     # (mpjax._src.fused_skip): a skipped step keeps count, mu and nu bit for
     # bit without a select over the donated state; an applied one computes
-    # exactly optax's expressions.
+    # what it computes without a decision, bit for bit.
     decision = fused_skip.FiniteDecision.from_extra_args(extra_args)
     finite = None if decision is None else decision.finite
     mu = jax.tree.map(

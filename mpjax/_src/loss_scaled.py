@@ -77,8 +77,8 @@ def unscale_gradients(grads: chex.ArrayTree, scale: chex.Array) -> chex.ArrayTre
   product is within an ulp of the quotient. The product is also what XLA
   fuses into every reader of the unscaled gradients (the finiteness check,
   the norm, each optimizer update), where a division, which XLA counts as
-  expensive, is written out once more first (+5% on the seed MLP's CPU
-  step).
+  expensive, is written out once more first (measurably slower on the seed
+  MLP's CPU step).
 
   Args:
     grads: gradients of a scaled loss, any floating or complex dtypes
