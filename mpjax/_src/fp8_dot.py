@@ -37,7 +37,7 @@ from the same history, stays that scale. The layer hooks
 """
 
 import functools
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -447,14 +447,16 @@ def einsum_dims(subscripts: str, lhs_ndim: int, rhs_ndim: int
   return dims, tuple(dot_out.index(c) for c in out), lhs_sum, rhs_sum
 
 
-def fp8_einsum_chained(subscripts: str, lhs: jax.Array, rhs: jax.Array, *,
-                       recipe: fp8_lib.Recipe,
-                       state: Optional[Mapping[str, jax.Array]] = None,
-                       previous: Optional[Mapping[str, jax.Array]] = None,
-                       preferred_element_type: Optional[Any] = None,
-                       **kwargs) -> Tuple[jax.Array, Optional[Dict[str, Any]]]:
-  """`fp8_einsum`, and the token of `fp8_dot_general_chained`."""
-  kwargs.pop("precision", None)
+def einsum_with(dot_general: Callable[..., jax.Array], subscripts: str,
+                lhs: jax.Array, rhs: jax.Array, precision: Any = None,
+                preferred_element_type: Optional[Any] = None,
+                **kwargs) -> jax.Array:
+  """``einsum(subscripts, lhs, rhs)`` as one call of `dot_general`.
+
+  `einsum_dims`' dot_general, the axes only one operand has (and the output
+  lacks) summed first, and the transpose to the output's order. The
+  ``einsum_op`` of an NNX ``Einsum`` with `dot_general` as its matmul.
+  """
   kwargs.pop("out_sharding", None)
   if kwargs:
     raise TypeError(f"fp8_einsum: unsupported arguments {sorted(kwargs)}.")
@@ -463,10 +465,8 @@ def fp8_einsum_chained(subscripts: str, lhs: jax.Array, rhs: jax.Array, *,
     lhs = jnp.sum(lhs, axis=lhs_sum)
   if rhs_sum:
     rhs = jnp.sum(rhs, axis=rhs_sum)
-  out, token = fp8_dot_general_chained(
-      lhs, rhs, dims, preferred_element_type=preferred_element_type,
-      recipe=recipe, state=state, previous=previous)
-  return jnp.transpose(out, perm), token
+  out = dot_general(lhs, rhs, dims, precision, preferred_element_type)
+  return jnp.transpose(out, perm)
 
 
 def fp8_einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array, *,
@@ -487,6 +487,5 @@ def fp8_einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array, *,
     >>> y.shape, bool(jnp.allclose(y, 2.0))
     ((2, 3, 5), True)
   """
-  return fp8_einsum_chained(subscripts, lhs, rhs, recipe=recipe, state=state,
-                            preferred_element_type=preferred_element_type,
-                            **kwargs)[0]
+  return einsum_with(with_recipe(recipe, state), subscripts, lhs, rhs,
+                     preferred_element_type=preferred_element_type, **kwargs)

@@ -30,6 +30,7 @@ chained, and their updates still add.
 """
 
 import dataclasses
+import functools
 import weakref
 from typing import Any, Callable, Dict, Optional
 
@@ -126,22 +127,7 @@ def _chained_dot_general(module: Any, recipe: fp8_lib.Recipe,
 
 def _einsum_op(dot_general: Callable[..., Any]) -> Callable[..., Any]:
   """``einsum(subscripts, lhs, rhs)`` as one call of `dot_general`."""
-
-  def einsum(subscripts, lhs, rhs, precision=None,
-             preferred_element_type=None, **kwargs):
-    kwargs.pop("out_sharding", None)
-    if kwargs:
-      raise TypeError(f"fp8 einsum: unsupported arguments {sorted(kwargs)}.")
-    dims, perm, lhs_sum, rhs_sum = fp8_dot.einsum_dims(subscripts, lhs.ndim,
-                                                       rhs.ndim)
-    if lhs_sum:
-      lhs = jnp.sum(lhs, axis=lhs_sum)
-    if rhs_sum:
-      rhs = jnp.sum(rhs, axis=rhs_sum)
-    out = dot_general(lhs, rhs, dims, precision, preferred_element_type)
-    return jnp.transpose(out, perm)
-
-  return einsum
+  return functools.partial(fp8_dot.einsum_with, dot_general)
 
 
 def linen_einsum_call(module: nn.Einsum, recipe: fp8_lib.Recipe
