@@ -108,11 +108,19 @@ def saturating_cast(x: jax.Array, dtype: Any,
   return jnp.clip(x, -limit, limit).astype(dtype)
 
 
-def _check_format(name: str, fmt: Any) -> None:
+def format_dtypes(name: str, fmt: Any) -> Tuple[Any, Any]:
+  """(forward dtype, output-gradient dtype) of recipe format `fmt`
+  (``"hybrid"`` or ``"e4m3"``); a ValueError naming `name` otherwise."""
   if fmt not in _RECIPE_FORMATS:
     raise ValueError(f"{name}: unknown format {fmt!r}; known: "
                      f"{sorted(_RECIPE_FORMATS)} ('hybrid': e4m3 forward, "
                      "e5m2 gradients).")
+  fwd, bwd = _RECIPE_FORMATS[fmt]
+  return FORMATS[fwd], FORMATS[bwd]
+
+
+def _check_format(name: str, fmt: Any) -> None:
+  format_dtypes(name, fmt)
 
 
 class _Formats:
@@ -123,8 +131,7 @@ class _Formats:
   @property
   def dtypes(self) -> Tuple[Any, Any]:
     """(dtype of the forward operands, dtype of the output gradients)."""
-    fwd, bwd = _RECIPE_FORMATS[self.format]
-    return FORMATS[fwd], FORMATS[bwd]
+    return format_dtypes(type(self).__name__, self.format)
 
   def init_state(self) -> Dict[str, jax.Array]:
     """The recipe's state: ``{}`` (current scaling and MXFP8 keep none)."""

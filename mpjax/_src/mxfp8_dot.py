@@ -48,17 +48,11 @@ from mpjax._src import fp8_dot
 BLOCK = 32
 #: The scales' dtype: an 8-bit power of two, 2**-127 .. 2**127.
 SCALE_DTYPE = jnp.float8_e8m0fnu
-_FORMATS = {"hybrid": ("e4m3", "e5m2"), "e4m3": ("e4m3", "e4m3")}
 _MIN_EXP, _MAX_EXP = -126, 127
 
 
 def _check_format(fmt: Any) -> Tuple[Any, Any]:
-  if fmt not in _FORMATS:
-    raise ValueError(f"mxfp8_dot_general: unknown format {fmt!r}; known: "
-                     f"{sorted(_FORMATS)} ('hybrid': e4m3 forward, e5m2 "
-                     "gradients).")
-  fwd, bwd = _FORMATS[fmt]
-  return fp8_lib.FORMATS[fwd], fp8_lib.FORMATS[bwd]
+  return fp8_lib.format_dtypes("mxfp8_dot_general", fmt)
 
 
 def block_exponent(amax: jax.Array, dtype: Any) -> jax.Array:
