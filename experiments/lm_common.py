@@ -204,8 +204,7 @@ def run_config(run: RunConfig, build: Build, config: LMConfig,
   lowered = step.lower(state, batch_at(0))
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  flops = mpjax.audit_program(step, state,
-                              batch_at(0)).matmul_flops_by_dtype()
+  flops = mpjax.audit_program(lowered).matmul_flops_by_dtype()
 
   checkpoints, state = training.open_checkpoints(args, run.name, state)
   apply = mpjax.with_policy(apply_fn, run.policy)

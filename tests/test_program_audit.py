@@ -35,6 +35,15 @@ def test_dot_flops_are_two_m_n_k():
   assert batched.matmul_flops == 4 * 2 * 3 * 5 * 7
 
 
+def test_an_already_lowered_program_is_audited_as_it_is():
+  lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((3, 5)),
+                                               jnp.ones((5, 7)))
+  (op,) = mpjax.audit_program(lowered).matmuls
+  assert op.flops == 2 * 3 * 5 * 7
+  with pytest.raises(TypeError, match="takes no arguments"):
+    mpjax.audit_program(lowered, jnp.ones(3))
+
+
 def test_convolution_flops():
   conv = nn.Conv(6, (3, 3))
   x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)

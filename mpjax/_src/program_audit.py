@@ -170,6 +170,10 @@ def audit_lowered(text: str) -> ProgramAudit:
 def audit(fn: Callable, *args, **kwargs) -> ProgramAudit:
   """Lowers ``fn(*args, **kwargs)`` (jitting it if needed) and audits it.
 
+  `fn` may also be an already lowered program (``jax.jit(f).lower(...)``,
+  a `jax.stages.Lowered`, given without arguments): it is audited as it is,
+  not lowered again.
+
   Examples:
     >>> import jax.numpy as jnp, mpjax
     >>> f = lambda w, x: x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)
@@ -177,6 +181,11 @@ def audit(fn: Callable, *args, **kwargs) -> ProgramAudit:
     >>> report.matmul_share("bfloat16"), report.matmul_flops, report.host_ops
     (1.0, 128, ())
   """
+  if isinstance(fn, jax.stages.Lowered):
+    if args or kwargs:
+      raise TypeError("audit_program: a lowered program takes no arguments; "
+                      f"got {len(args)} positional and {sorted(kwargs)}.")
+    return audit_lowered(fn.as_text())
   lower = getattr(fn, "lower", None) or jax.jit(fn).lower
   return audit_lowered(lower(*args, **kwargs).as_text())
 
